@@ -1,0 +1,50 @@
+"""Every config composes, and every experiment turns into a tiny buildable model with debug=smoke."""
+
+import hydra
+import pytest
+import torch
+from helpers import CONF_DIR, EXPERIMENTS, compose_train
+from omegaconf import OmegaConf
+
+from tokenizers_vis.config import prepare_config
+from tokenizers_vis.models import Tokenizer
+
+REQUIRED_EXPERIMENTS = {"demo", "titok_b", "titok_bl64_vq8k", "titok_bl128_vq8k", "titok_sl256_vq8k",
+                        "titok_ll32_vae", "titok_bl64_vae", "titok_bl128_vae"}
+
+
+def test_required_experiments_exist():
+    assert REQUIRED_EXPERIMENTS <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("group", ["trainer", "logger", "data", "callbacks", "debug", "model"])
+def test_every_group_option_composes(group, tmp_path):
+    for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
+        cfg = compose_train([f"{group}={option}"], tmp_path)
+        OmegaConf.to_container(cfg.get(group) if group != "debug" else cfg, resolve=False)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_names_itself(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}"], tmp_path)
+    assert cfg.name == experiment
+    assert cfg.model.tokenizer.image_size == cfg.data.resolution
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_smoke_makes_a_tiny_model(experiment, tmp_path):
+    cfg = prepare_config(compose_train([f"experiment={experiment}", "debug=smoke"], tmp_path))
+    assert "smoke" not in cfg.model
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_steps <= 3
+    tokenizer = hydra.utils.instantiate(cfg.model.tokenizer)
+    assert isinstance(tokenizer, Tokenizer)
+    assert sum(p.numel() for p in tokenizer.parameters()) < 2_000_000
+    x = torch.rand(1, 3, cfg.data.resolution, cfg.data.resolution)
+    assert tokenizer(x).reconstruction.shape == x.shape
+
+
+def test_released_architectures_are_what_the_experiments_build(tmp_path):
+    cfg = compose_train(["experiment=titok_bl64_vq8k"], tmp_path)
+    with torch.device("meta"):
+        tokenizer = hydra.utils.instantiate(cfg.model.tokenizer)
+    assert sum(p.numel() for p in tokenizer.parameters()) == 390016148  # official titok_bl64_vq8k

@@ -1,0 +1,187 @@
+"""Demo shards built offline from the photos scikit-image ships with.
+
+Each sample is a random square crop (random position, side between `min_scale` and 1 of
+the photo's shorter side) resized to `size` x `size`, stored as lossless PNG, with the
+photo's index as its class. The LFW faces (25x25 grey) are included as one more class,
+upsampled and made RGB; train and val use disjoint faces. Train and val crops come from
+different random streams. Photos that would need a download are left out.
+
+    python -m tokenizers_vis.data.demo data/demo [--num-train N] [--num-val N] [--size S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tokenizers_vis.data.shards import brace_pattern, remove_stale_shards, shard_name, write_shards
+
+# Colour photos bundled with scikit-image (no pooch download needed).
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "stereo_motorcycle",
+)
+FACES = "lfw_face"
+# Faces from this index on are kept for val.
+_FIRST_VAL_FACE = 180
+MANIFEST = "demo.json"
+
+
+def _load_sources() -> dict[str, list[np.ndarray]]:
+    """Name -> list of uint8 RGB arrays, for every source that loads without network."""
+    import skimage.data
+
+    sources: dict[str, list[np.ndarray]] = {}
+    for name in PHOTOS:
+        try:
+            image = getattr(skimage.data, name)()
+        except Exception as exn:  # missing optional dependency, or a download needed offline
+            warnings.warn(f"demo data: skipping skimage.data.{name} ({exn})", stacklevel=2)
+            continue
+        if name == "stereo_motorcycle":  # (left, right, disparity): both views are photos
+            sources[f"{name}_left"], sources[f"{name}_right"] = [image[0]], [image[1]]
+        else:
+            sources[name] = [image]
+    try:
+        faces = skimage.data.lfw_subset()
+    except Exception as exn:
+        warnings.warn(f"demo data: skipping skimage.data.lfw_subset ({exn})", stacklevel=2)
+    else:
+        grey = (np.clip(faces, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        sources[FACES] = [np.repeat(face[..., None], 3, axis=-1) for face in grey]
+    if not sources:
+        raise RuntimeError("no scikit-image sample photo could be loaded")
+    return sources
+
+
+def _crop(image: Image.Image, size: int, rng: np.random.Generator, min_scale: float) -> Image.Image:
+    width, height = image.size
+    side = rng.uniform(min_scale, 1.0) * min(width, height)
+    left = rng.uniform(0.0, width - side)
+    top = rng.uniform(0.0, height - side)
+    # resize(box=...) resamples the region directly, antialiased, without a crop copy.
+    return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+
+
+def _samples(sources, classes, split: str, count: int, size: int, seed: int, min_scale: float):
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    pil = {name: [Image.fromarray(a) for a in arrays] for name, arrays in sources.items()}
+    if FACES in pil:
+        pil[FACES] = pil[FACES][:_FIRST_VAL_FACE] if split == "train" else pil[FACES][_FIRST_VAL_FACE:]
+    for i in range(count):
+        label = int(rng.integers(len(classes)))
+        images = pil[classes[label]]
+        image = images[int(rng.integers(len(images)))]
+        # Tiny faces are cropped only a little, or they turn into blurred blobs.
+        crop = _crop(image, size, rng, 0.75 if classes[label] == FACES else min_scale)
+        buffer = io.BytesIO()
+        crop.save(buffer, format="PNG")
+        yield {"__key__": f"{split}_{i:06d}", "png": buffer.getvalue(), "cls": label}
+
+
+def build_demo_shards(
+    out_dir: str | Path,
+    num_train: int = 1024,
+    num_val: int = 64,
+    size: int = 80,
+    shard_size: int = 256,
+    seed: int = 0,
+    min_scale: float = 0.25,
+) -> dict:
+    """Write `out_dir/train-000000.tar ...` and `out_dir/val-000000.tar ...`.
+
+    Files are written to a private folder and moved into place, then `demo.json` is
+    written last, so concurrent builders (DDP ranks) never see a half-written set.
+    Returns the manifest: {"train": [paths], "val": [paths], "classes": [names],
+    "train_pattern", "val_pattern", "params"}.
+    """
+    if num_train < 1 or num_val < 1:
+        raise ValueError(f"need at least one train and one val sample, got {num_train} and {num_val}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = _load_sources()
+    classes = list(sources)
+    params = dict(num_train=num_train, num_val=num_val, size=size, shard_size=shard_size, seed=seed, min_scale=min_scale)
+    staging = out_dir / f".build-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        written = {}
+        for split, count in (("train", num_train), ("val", num_val)):
+            samples = _samples(sources, classes, split, count, size, seed, min_scale)
+            paths = write_shards(samples, staging, split, shard_size)
+            for path in paths:
+                os.replace(path, out_dir / path.name)
+            remove_stale_shards(out_dir, split, keep=len(paths))
+            written[split] = [out_dir / shard_name(split, i) for i in range(len(paths))]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest = {
+        "params": params,
+        "classes": classes,
+        "train": [str(p) for p in written["train"]],
+        "val": [str(p) for p in written["val"]],
+        "train_pattern": brace_pattern(out_dir, "train", len(written["train"])),
+        "val_pattern": brace_pattern(out_dir, "val", len(written["val"])),
+    }
+    (out_dir / "classes.json").write_text(json.dumps(classes, indent=1))
+    tmp = out_dir / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out_dir / MANIFEST)
+    return manifest
+
+
+def ensure_demo_shards(out_dir: str | Path, **kwargs) -> dict:
+    """`build_demo_shards(out_dir, **kwargs)` unless a build with the same arguments is there."""
+    out_dir = Path(out_dir)
+    defaults = dict(num_train=1024, num_val=64, size=80, shard_size=256, seed=0, min_scale=0.25)
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown arguments {sorted(unknown)}")
+    params = {**defaults, **kwargs}
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if (
+        manifest is not None
+        and manifest.get("params") == params
+        and all(Path(p).is_file() for p in manifest["train"] + manifest["val"])
+    ):
+        return manifest
+    return build_demo_shards(out_dir, **params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the demo shards from scikit-image's photos.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--num-train", type=int, default=1024)
+    parser.add_argument("--num-val", type=int, default=64)
+    parser.add_argument("--size", type=int, default=80)
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild even if the shards are there")
+    args = parser.parse_args(argv)
+    params = dict(num_train=args.num_train, num_val=args.num_val, size=args.size, shard_size=args.shard_size, seed=args.seed)
+    build = build_demo_shards if args.force else ensure_demo_shards
+    manifest = build(args.out_dir, **params)
+    print(f"classes: {', '.join(manifest['classes'])}")
+    print(manifest["train_pattern"])
+    print(manifest["val_pattern"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Saving and loading tokenizers: a folder (config.json + model.safetensors), a training
+checkpoint (.ckpt, EMA weights by default), or a Hugging Face Hub id."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokenizers_vis.models.base import Tokenizer, build_tokenizer
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Keys under which a training checkpoint stores the tokenizer weights, best first.
+EMA_PREFIX = "ema."
+RAW_PREFIX = "tokenizer."
+
+
+def save_pretrained(tokenizer: Tokenizer, directory: str | os.PathLike, extra_config: dict | None = None) -> Path:
+    """Write `config.json` (enough to rebuild the model without Hydra) and `model.safetensors`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {**tokenizer.config, **(extra_config or {})}
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in tokenizer.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "model_type": tokenizer.model_type})
+    return directory
+
+
+def _tokenizer_from_state(config: dict[str, Any], state: dict[str, torch.Tensor]) -> Tokenizer:
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    tokenizer = build_tokenizer(config)
+    tokenizer.load_state_dict(state, strict=True)
+    return tokenizer.eval()
+
+
+def checkpoint_state(checkpoint: dict[str, Any], use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The tokenizer weights inside a Lightning checkpoint of `TokenizerModule`."""
+    state = checkpoint.get("state_dict", {})
+    prefixes = (EMA_PREFIX, RAW_PREFIX) if use_ema else (RAW_PREFIX,)
+    for prefix in prefixes:
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if weights:
+            return weights
+    raise ValueError("checkpoint holds no tokenizer weights (no 'ema.*' or 'tokenizer.*' keys)")
+
+
+def load_checkpoint(path: str | os.PathLike, use_ema: bool = True) -> Tokenizer:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "tokenizer_config" not in checkpoint:
+        raise ValueError(f"{path} is not a tokenizers_vis training checkpoint (no 'tokenizer_config' entry)")
+    return _tokenizer_from_state(checkpoint["tokenizer_config"], checkpoint_state(checkpoint, use_ema))
+
+
+def load_folder(directory: str | os.PathLike) -> Tokenizer:
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} must hold {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config = json.loads(config_path.read_text())
+    return _tokenizer_from_state(config, load_file(str(weights_path)))
+
+
+def _download(repo_id: str, revision: str | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except LocalEntryNotFoundError as err:
+        raise OSError(
+            f"could not download {repo_id!r} from the Hugging Face Hub (offline, HF_HUB_OFFLINE set, "
+            f"or no cached copy). Download it where there is network "
+            f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass the local DIR instead."
+        ) from err
+
+
+def load_tokenizer(path_or_id: str | os.PathLike, use_ema: bool = True, revision: str | None = None) -> Tokenizer:
+    """Load a tokenizer in eval mode from a `.ckpt`, a saved folder, or a Hub repo id.
+
+    Training checkpoints give the EMA weights unless `use_ema=False`.
+    """
+    path = Path(path_or_id)
+    if path.is_file():
+        return load_checkpoint(path, use_ema=use_ema)
+    if path.is_dir():
+        return load_folder(path)
+    text = str(path_or_id)
+    if text.endswith(".ckpt") or text.startswith((".", "/")) or text.count("/") != 1:
+        raise FileNotFoundError(f"no checkpoint or tokenizer folder at {text!r}")
+    return load_folder(_download(text, revision))

@@ -1,0 +1,76 @@
+"""LPIPS-VGG as an evaluation metric, with offline loading of the VGG backbone.
+
+The lpips package ships its calibrated linear heads, but fetches the ImageNet VGG16 trunk
+through torchvision (a download). We build the trunk randomly initialised and fill it from a
+local ``vgg16-397923af.pth`` (torchvision's file) instead, so nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import lpips
+import torch
+from torch import Tensor, nn
+
+from tokenizers_vis.weights import find_weights
+
+__all__ = ["VGG16_WEIGHTS_FILE", "build_lpips_vgg", "LPIPSMetric"]
+
+VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"
+
+
+def build_lpips_vgg(
+    weights_path: str | os.PathLike | None = None,
+    random_backbone: bool = False,
+    option: str = "lpips_weights",
+) -> lpips.LPIPS:
+    """An ``lpips.LPIPS(net="vgg")`` with its trunk loaded offline, frozen, in eval mode.
+
+    Args:
+        weights_path: torchvision VGG16 ImageNet weights (file or folder); None looks in the
+            torch hub cache.
+        random_backbone: keep the trunk randomly initialised (tests; values are meaningless).
+        option: config option named in the error when the weights are missing.
+
+    Raises:
+        MissingWeightsError: the VGG16 file is missing and ``random_backbone`` is False.
+    """
+    path = None if random_backbone else find_weights(weights_path, VGG16_WEIGHTS_FILE, option, "LPIPS VGG16 backbone")
+    with warnings.catch_warnings():
+        # lpips passes torchvision's deprecated `pretrained=False`; harmless here.
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    if path is not None:
+        vgg = torch.load(path, map_location="cpu", weights_only=True)
+        # lpips slices torchvision's `features` Sequential but keeps each layer's index:
+        # "net.slice3.10.weight" is torchvision's "features.10.weight".
+        trunk = {name: vgg[f"features.{name.split('.', 1)[1]}"] for name in model.net.state_dict()}
+        model.net.load_state_dict(trunk, strict=True)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class LPIPSMetric(nn.Module):
+    """Per-image LPIPS-VGG distance for [0, 1] images: ``metric(x, y) -> (B,)``.
+
+    Runs in float32 without gradients, whatever autocast the caller is under.
+    """
+
+    def __init__(self, weights_path: str | os.PathLike | None = None, random_backbone: bool = False):
+        super().__init__()
+        self.lpips = build_lpips_vgg(weights_path, random_backbone)
+
+    def train(self, mode: bool = True) -> "LPIPSMetric":
+        # A metric never trains: keep dropout in the linear heads off.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if x.shape != y.shape or x.dim() != 4:
+            raise ValueError(f"expected two (B, 3, H, W) batches of equal shape, got {tuple(x.shape)}, {tuple(y.shape)}")
+        device = self.lpips.scaling_layer.shift.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            dist = self.lpips(x.to(device, torch.float32), y.to(device, torch.float32), normalize=True)
+        return dist.flatten()

@@ -1,0 +1,162 @@
+"""One accumulator for every reconstruction metric, shared by the evaluator and the training
+validation callback so both report numbers measured the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor, nn
+
+from tokenizers_vis.metrics.codebook import CodebookUsage
+from tokenizers_vis.metrics.distributed import all_reduce_sum
+from tokenizers_vis.metrics.fid import StreamingFID
+from tokenizers_vis.metrics.image import psnr_per_image, ssim_per_image, to_uint8
+from tokenizers_vis.metrics.perceptual import LPIPSMetric
+from tokenizers_vis.weights import MissingWeightsError
+
+__all__ = ["ReconstructionMetrics", "METRIC_KEYS"]
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = (
+    "psnr",
+    "ssim",
+    "lpips",
+    "rfid",
+    "codebook_usage",
+    "codebook_entropy",
+    "codebook_perplexity",
+    "num_images",
+)
+
+# Layout of the float64 sums vector: one tensor, so combining ranks is a single all-reduce.
+_PSNR, _SSIM, _LPIPS, _COUNT = range(4)
+
+
+class ReconstructionMetrics:
+    """PSNR, SSIM, LPIPS, rFID and codebook usage over a stream of (original, reconstruction).
+
+    Both images are quantised to uint8 (round, clamp) before any metric, as the standard asks;
+    PSNR/SSIM/LPIPS are means over images of per-image values. Video batches (B, T, 3, H, W)
+    are measured frame by frame, and ``num_images`` then counts frames.
+
+    Distributed: ``compute()`` sums all state over ranks (every rank must call it), so with
+    disjoint shards each image counts once.
+
+    Args:
+        codebook_size: track code usage for ids in [0, codebook_size); None for continuous models.
+        fid: True for TF-FID Inception, False to skip, or a feature extractor module (tests).
+        lpips: compute LPIPS-VGG.
+        inception_weights, lpips_weights: weight files (or folders); None looks in the torch hub cache.
+        lpips_random_backbone: random VGG trunk (tests only; values are meaningless).
+        strict_fid, strict_lpips: raise MissingWeightsError at construction instead of
+            reporting None with a warning when the weights are missing.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int | None = None,
+        fid: bool | nn.Module = True,
+        lpips: bool = True,
+        inception_weights: str | os.PathLike | None = None,
+        lpips_weights: str | os.PathLike | None = None,
+        lpips_random_backbone: bool = False,
+        strict_fid: bool = False,
+        strict_lpips: bool = False,
+    ):
+        self.fid: StreamingFID | None = None
+        if isinstance(fid, nn.Module):
+            self.fid = StreamingFID(feature_extractor=fid)
+        elif fid:
+            try:
+                self.fid = StreamingFID(weights_path=inception_weights)
+            except MissingWeightsError as err:
+                if strict_fid:
+                    raise
+                log.warning("rFID will not be computed: %s", err)
+
+        self.lpips: LPIPSMetric | None = None
+        if lpips:
+            try:
+                self.lpips = LPIPSMetric(lpips_weights, random_backbone=lpips_random_backbone)
+            except MissingWeightsError as err:
+                if strict_lpips:
+                    raise
+                log.warning("LPIPS will not be computed: %s", err)
+
+        self.codebook = CodebookUsage(codebook_size) if codebook_size else None
+        self.reset()
+
+    def to(self, device: torch.device | str) -> "ReconstructionMetrics":
+        """Move the feature networks (state follows the inputs' device on the next update)."""
+        if self.fid is not None:
+            self.fid.to(device)
+        if self.lpips is not None:
+            self.lpips.to(device)
+        return self
+
+    def reset(self) -> None:
+        self._sums = torch.zeros(4, dtype=torch.float64)
+        if self.fid is not None:
+            self.fid.reset()
+        if self.codebook is not None:
+            self.codebook.reset()
+
+    @torch.no_grad()
+    def update(self, real: Tensor, recon: Tensor, ids: Tensor | None = None) -> None:
+        """Add a batch: ``real`` and ``recon`` float in [0, 1], (B, 3, H, W) or (B, T, 3, H, W)."""
+        if real.shape != recon.shape:
+            raise ValueError(f"originals {tuple(real.shape)} and reconstructions {tuple(recon.shape)} differ in shape")
+        if real.dim() == 5:
+            real, recon = real.flatten(0, 1), recon.flatten(0, 1)
+        if real.dim() != 4:
+            raise ValueError(f"expected (B, 3, H, W) or (B, T, 3, H, W) images, got shape {tuple(real.shape)}")
+
+        real_u8, recon_u8 = to_uint8(real), to_uint8(recon)
+        real_q, recon_q = real_u8.float() / 255.0, recon_u8.float() / 255.0
+        batch = torch.zeros(4, dtype=torch.float64, device=real.device)
+        # k / 255 in float64, so PSNR equals scikit-image on the uint8 images to rounding error.
+        batch[_PSNR] = psnr_per_image(real_u8.double() / 255.0, recon_u8.double() / 255.0, data_range=1.0).sum()
+        batch[_SSIM] = ssim_per_image(real_q, recon_q, data_range=1.0).sum()
+        if self.lpips is not None:
+            batch[_LPIPS] = self.lpips(real_q, recon_q).double().sum().to(real.device)
+        batch[_COUNT] = real.shape[0]
+        if self._sums.device != batch.device:
+            self._sums = self._sums.to(batch.device)
+        self._sums += batch
+
+        if self.fid is not None:
+            self.fid.update(real_u8, recon_u8)
+        if ids is not None and self.codebook is not None:
+            self.codebook.update(ids)
+
+    def compute(self) -> dict[str, float | int | None]:
+        """All metrics over all ranks; None for those not computed (see ``METRIC_KEYS``).
+
+        ``psnr`` is ``inf`` if every image is reconstructed exactly; ``codebook_entropy`` is in bits.
+        """
+        sums = all_reduce_sum(self._sums).tolist()
+        n = int(sums[_COUNT])
+        result: dict[str, float | int | None] = dict.fromkeys(METRIC_KEYS)
+        result["num_images"] = n
+        if n > 0:
+            result["psnr"] = sums[_PSNR] / n
+            result["ssim"] = sums[_SSIM] / n
+            if self.lpips is not None:
+                result["lpips"] = sums[_LPIPS] / n
+        if self.fid is not None:
+            # n is the same on every rank, so all ranks agree on whether to run the collective.
+            if n >= 2:
+                result["rfid"] = self.fid.compute()
+            else:
+                log.warning("rFID needs at least 2 images, got %d", n)
+        if self.codebook is not None:
+            stats = self.codebook.compute()
+            if stats["total"] > 0:
+                result["codebook_usage"] = stats["usage"]
+                result["codebook_entropy"] = stats["entropy_bits"]
+                result["codebook_perplexity"] = stats["perplexity"]
+        return result

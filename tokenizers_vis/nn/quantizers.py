@@ -1,0 +1,181 @@
+"""Quantizers behind one interface.
+
+`forward(z) -> (z_q, ids, aux)` with z of shape (..., dim) (channels last), `aux` a dict holding
+the weighted total under "loss" plus named parts and statistics; `embed(ids) -> z_q`;
+`codebook_size`. All run in float32 even under autocast: distances and argmin in bf16 pick
+wrong codes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@contextmanager
+def float32():
+    """Disable autocast on every device type for the enclosed code."""
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        yield
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class Quantizer(nn.Module, ABC):
+    codebook_size: int | None = None
+
+    @abstractmethod
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        ...
+
+    @abstractmethod
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        ...
+
+
+class VectorQuantizer(Quantizer):
+    """Nearest-neighbour VQ with a gradient-trained codebook (VQ-VAE / TiTok).
+
+    Written here rather than taken from vector-quantize-pytorch because weight compatibility with
+    the released TiTok needs exactly its parametrisation and loss: one `embedding` weight trained by
+    the codebook loss mse(z_q, sg(z)) (not EMA k-means), commitment 0.25 * mse(sg(z_q), z), l2
+    lookup as "normalise both, then squared distance". Dead-code restart is our addition.
+
+    use_l2_norm: normalise inputs and codes (cosine lookup; TiTok S/B/L).
+    dead_code_threshold: a code whose exponential moving average of hits per batch falls below
+        this is reset to a random encoder output of the current batch (0 disables). Under DDP the
+        hit counts are summed over ranks and the codebook broadcast from rank 0, so all ranks agree.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        use_l2_norm: bool = False,
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+        dead_code_threshold: float = 0.0,
+        usage_decay: float = 0.99,
+    ):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.dim = dim
+        self.use_l2_norm = use_l2_norm
+        self.commitment_weight = commitment_weight
+        self.codebook_weight = codebook_weight
+        self.dead_code_threshold = dead_code_threshold
+        self.usage_decay = usage_decay
+        self.embedding = nn.Embedding(codebook_size, dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+        if dead_code_threshold > 0:
+            # Starts at the threshold so no code counts as dead before it had a chance.
+            self.register_buffer("usage", torch.full((codebook_size,), float(dead_code_threshold) * 2))
+
+    def codebook(self) -> torch.Tensor:
+        weight = self.embedding.weight.float()
+        return F.normalize(weight, dim=-1) if self.use_l2_norm else weight
+
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """ids of the nearest codes for z of shape (N, dim), by ||z||^2 + ||e||^2 - 2 z.e."""
+        codes = self.codebook()
+        distances = z.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * z @ codes.t()
+        return distances.argmin(dim=1)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        with float32():
+            return F.embedding(ids, self.codebook())
+
+    def forward(self, z: torch.Tensor):
+        with float32():
+            shape = z.shape
+            z = z.float().reshape(-1, self.dim)
+            if self.use_l2_norm:
+                z = F.normalize(z, dim=-1)
+            ids = self.lookup(z.detach())
+            z_q = F.embedding(ids, self.codebook())
+            commitment = self.commitment_weight * F.mse_loss(z_q.detach(), z)
+            codebook = self.codebook_weight * F.mse_loss(z_q, z.detach())
+            z_st = z + (z_q - z).detach()  # straight-through: decoder gradients reach the encoder
+            if self.training and self.dead_code_threshold > 0:
+                self._restart_dead_codes(z.detach(), ids)
+            ids = ids.reshape(shape[:-1])
+            aux = {
+                "loss": commitment + codebook,
+                "commitment_loss": commitment.detach(),
+                "codebook_loss": codebook.detach(),
+            }
+            return z_st.reshape(shape), ids, aux
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, z: torch.Tensor, ids: torch.Tensor) -> None:
+        hits = torch.bincount(ids, minlength=self.codebook_size).float()
+        if _distributed():
+            dist.all_reduce(hits)
+            hits /= dist.get_world_size()
+        self.usage.mul_(self.usage_decay).add_(hits, alpha=1 - self.usage_decay)
+        dead = self.usage < self.dead_code_threshold
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return
+        picks = torch.randint(0, z.shape[0], (num_dead,), device=z.device)
+        self.embedding.weight.data[dead] = z[picks].to(self.embedding.weight.dtype)
+        self.usage[dead] = self.dead_code_threshold * 2
+        if _distributed():
+            dist.broadcast(self.embedding.weight.data, src=0)
+
+
+class DiagonalGaussian(Quantizer):
+    """VAE bottleneck: the input holds [mean, logvar] along the last dim (2 * channels).
+
+    forward samples mean + std * eps in training (the mode otherwise, unless `sample=True`);
+    aux["loss"] = kl_weight * (KL summed over channels and tokens, averaged over the batch).
+    """
+
+    codebook_size = None
+
+    def __init__(self, channels: int, kl_weight: float = 1e-6, logvar_range: tuple[float, float] = (-30.0, 20.0)):
+        super().__init__()
+        self.channels = channels
+        self.kl_weight = kl_weight
+        self.logvar_range = tuple(logvar_range)
+
+    def posterior(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        if z.shape[-1] != 2 * self.channels:
+            raise ValueError(f"expected {2 * self.channels} channels (mean and logvar), got {z.shape[-1]}")
+        mean, logvar = z.float().chunk(2, dim=-1)
+        logvar = logvar.clamp(*self.logvar_range)
+        std = torch.exp(0.5 * logvar)
+        kl = 0.5 * (mean.pow(2) + std.pow(2) - 1.0 - logvar).sum(-1)
+        return {"mean": mean, "logvar": logvar, "std": std, "kl": kl}
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a diagonal-Gaussian bottleneck has no codebook; decode its continuous latents instead")
+
+    def forward(self, z: torch.Tensor, sample: bool | None = None, noise: torch.Tensor | None = None):
+        with float32():
+            post = self.posterior(z)
+            if sample is None:
+                sample = self.training
+            latents = post["mean"]
+            if sample or noise is not None:
+                eps = torch.randn_like(post["std"]) if noise is None else noise.to(post["std"])
+                latents = post["mean"] + post["std"] * eps
+            kl = post["kl"].reshape(post["kl"].shape[0], -1).sum(1).mean()
+            aux = {"loss": self.kl_weight * kl, "kl": kl.detach(), "posterior_std": post["std"].mean().detach()}
+            return latents, None, aux
+
+
+def build_quantizer(kind: str, dim: int, **kwargs) -> Quantizer:
+    """"vq" -> VectorQuantizer(codebook_size, dim, ...); "vae" -> DiagonalGaussian(dim, ...)."""
+    if kind == "vq":
+        return VectorQuantizer(dim=dim, **kwargs)
+    if kind == "vae":
+        return DiagonalGaussian(channels=dim, **kwargs)
+    raise ValueError(f"unknown quantizer {kind!r}; expected 'vq' or 'vae'")

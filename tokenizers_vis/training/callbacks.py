@@ -1,0 +1,106 @@
+"""Training callbacks: reconstruction grids on disk and in wandb, and throughput."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+
+def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """One image: originals in the top row, reconstructions below, both clamped to [0, 1]."""
+    n = originals.shape[0]
+    rows = torch.cat([originals.clamp(0, 1), reconstructions.clamp(0, 1)], dim=0)
+    return make_grid(rows.float().cpu(), nrow=n, padding=2, pad_value=1.0)
+
+
+class ReconstructionLogger(L.Callback):
+    """Every `every_n_steps` (and at the end of training) reconstructs a fixed set of validation
+    images with the EMA weights and writes `<run>/reconstructions/step_XXXXXXX.png`; also logs the
+    grid to wandb when a WandbLogger is active."""
+
+    def __init__(self, every_n_steps: int = 500, num_images: int = 8, dirname: str = "reconstructions"):
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self.num_images = num_images
+        self.dirname = dirname
+        self._images: torch.Tensor | None = None
+        self.last_path: Path | None = None
+
+    def _fixed_images(self, trainer: L.Trainer) -> torch.Tensor | None:
+        if self._images is None:
+            datamodule = trainer.datamodule
+            loader = datamodule.val_dataloader() if datamodule is not None else None
+            if loader is None:
+                return None
+            batches, count = [], 0
+            for batch in loader:
+                batches.append(batch["image"])
+                count += batch["image"].shape[0]
+                if count >= self.num_images:
+                    break
+            if not batches:
+                return None
+            self._images = torch.cat(batches)[: self.num_images]
+        return self._images
+
+    @rank_zero_only
+    @torch.no_grad()
+    def log_grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        images = self._fixed_images(trainer)
+        if images is None:
+            return
+        tokenizer = module.eval_tokenizer
+        was_training = tokenizer.training
+        tokenizer.eval()
+        images = images.to(module.device)
+        reconstructions = tokenizer.decode(tokenizer.encode(images)).float()
+        tokenizer.train(was_training)
+        grid = reconstruction_grid(images, reconstructions)
+        step = int(module.step)
+        out_dir = Path(trainer.default_root_dir) / self.dirname
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.last_path = out_dir / f"step_{step:07d}.png"
+        save_image(grid, self.last_path)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_image("reconstructions", [grid], step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and int(module.step) % self.every_n_steps == 0:
+            self.log_grid(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.log_grid(trainer, module)
+
+
+class Throughput(L.Callback):
+    """Logs images/sec over all devices and per device, averaged over `window` steps."""
+
+    def __init__(self, window: int = 10):
+        super().__init__()
+        self.window = window
+        self._start: float | None = None
+        self._images = 0
+        self._steps = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self._start is None:
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._images += batch["image"].shape[0]
+        self._steps += 1
+        if self._steps < self.window:
+            return
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        elapsed = time.perf_counter() - self._start
+        per_device = self._images / max(elapsed, 1e-9)
+        module.log_dict({"perf/samples_per_sec": per_device * trainer.world_size,
+                         "perf/samples_per_sec_per_device": per_device}, on_step=True, batch_size=1)
+        self._start, self._images, self._steps = time.perf_counter(), 0, 0

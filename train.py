@@ -1,0 +1,30 @@
+"""Train a tokenizer.
+
+    python train.py experiment=titok_b                       # one GPU
+    python train.py experiment=titok_b trainer=ddp trainer.devices=8 trainer.num_nodes=4
+    python train.py experiment=titok_b debug=smoke           # tiny CPU run of any experiment
+    python train.py experiment=demo hydra.run.dir=outputs/demo ckpt_path=last   # resume
+
+Composes `conf/train.yaml`, then fits, validates the final EMA weights and writes
+`<run>/summary.json` (see tokenizers_vis/training/run.py).
+"""
+
+import json
+
+import hydra
+from omegaconf import DictConfig
+
+from tokenizers_vis.config import register_resolvers
+from tokenizers_vis.training.run import run_training
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
+def main(cfg: DictConfig) -> None:
+    summary = run_training(cfg)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
