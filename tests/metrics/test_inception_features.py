@@ -54,3 +54,11 @@ def test_finds_torch_fidelity_cache_name(random_inception_file, empty_hub_dir):
     # torch-fidelity / torchmetrics cache the same file under their own name.
     (empty_hub_dir / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth").symlink_to(random_inception_file)
     assert InceptionFeatures().num_features == 2048
+
+
+def test_reconstruction_metrics_use_the_inception_weights_they_are_given(random_inception_file, empty_hub_dir):
+    from tokenizers_vis.metrics import ReconstructionMetrics
+
+    metrics = ReconstructionMetrics(fid=True, lpips=False, inception_weights=random_inception_file, strict_fid=True)
+    assert isinstance(metrics.fid.extractor, InceptionFeatures)
+    assert metrics.fid.real.dim == 2048

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "ImageDataModule": "datamodule",
+    "DemoDataModule": "datamodule",
     "build_demo_shards": "demo",
     "ensure_demo_shards": "demo",
     "CorruptSampleWarning": "pipeline",
@@ -29,7 +30,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from tokenizers_vis.data.datamodule import ImageDataModule
+    from tokenizers_vis.data.datamodule import DemoDataModule, ImageDataModule
     from tokenizers_vis.data.demo import build_demo_shards, ensure_demo_shards
     from tokenizers_vis.data.pipeline import CorruptSampleWarning, SkipCounter, make_eval_loader, make_train_loader
     from tokenizers_vis.data.shards import resolve_shards, write_shards

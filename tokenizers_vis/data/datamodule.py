@@ -130,3 +130,23 @@ class ImageDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_epoch = int(state_dict.get("train_epoch", 0))
+
+
+class DemoDataModule(ImageDataModule):
+    """`ImageDataModule` over the demo shards in `demo_dir`, built there on first use (rank 0,
+    before any process reads them), so `python train.py experiment=demo` works on a fresh clone."""
+
+    def __init__(self, demo_dir: str, **kwargs: Any):
+        self.demo_dir = demo_dir
+        kwargs.setdefault("train_shards", f"{demo_dir}/train-*.tar")
+        kwargs.setdefault("val_shards", f"{demo_dir}/val-*.tar")
+        super().__init__(**kwargs)
+
+    def prepare_data(self) -> None:
+        try:
+            resolve_shards(self.train_shards)
+            resolve_shards(self.val_shards)
+        except FileNotFoundError:
+            from tokenizers_vis.data.demo import ensure_demo_shards
+
+            ensure_demo_shards(self.demo_dir)

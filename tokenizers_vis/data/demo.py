@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tokenizers_vis.data.shards import brace_pattern, remove_stale_shards, shard_name, write_shards
+from tokenizers_vis.data.shards import brace_pattern, remove_stale_shards, write_shards
 
 # Colour photos bundled with scikit-image (no pooch download needed).
 PHOTOS = (
@@ -115,7 +115,9 @@ def build_demo_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = _load_sources()
     classes = list(sources)
-    params = dict(num_train=num_train, num_val=num_val, size=size, shard_size=shard_size, seed=seed, min_scale=min_scale)
+    params = dict(
+        num_train=num_train, num_val=num_val, size=size, shard_size=shard_size, seed=seed, min_scale=min_scale
+    )
     staging = out_dir / f".build-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -126,42 +128,49 @@ def build_demo_shards(
             for path in paths:
                 os.replace(path, out_dir / path.name)
             remove_stale_shards(out_dir, split, keep=len(paths))
-            written[split] = [out_dir / shard_name(split, i) for i in range(len(paths))]
+            written[split] = [path.name for path in paths]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest = {
-        "params": params,
-        "classes": classes,
-        "train": [str(p) for p in written["train"]],
-        "val": [str(p) for p in written["val"]],
-        "train_pattern": brace_pattern(out_dir, "train", len(written["train"])),
-        "val_pattern": brace_pattern(out_dir, "val", len(written["val"])),
-    }
+    manifest = {"params": params, "classes": classes, **written}
     (out_dir / "classes.json").write_text(json.dumps(classes, indent=1))
     tmp = out_dir / f".{MANIFEST}.{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out_dir / MANIFEST)
-    return manifest
+    return _describe(out_dir, manifest)
 
 
-def ensure_demo_shards(out_dir: str | Path, **kwargs) -> dict:
-    """`build_demo_shards(out_dir, **kwargs)` unless a build with the same arguments is there."""
+def _describe(out_dir: Path, manifest: dict) -> dict:
+    # The manifest on disk names files relative to its folder, so the folder can move.
+    info = dict(manifest)
+    for split in ("train", "val"):
+        info[split] = [str(out_dir / name) for name in manifest[split]]
+        info[f"{split}_pattern"] = brace_pattern(out_dir, split, len(manifest[split]))
+    return info
+
+
+def ensure_demo_shards(
+    out_dir: str | Path,
+    num_train: int = 1024,
+    num_val: int = 64,
+    size: int = 80,
+    shard_size: int = 256,
+    seed: int = 0,
+    min_scale: float = 0.25,
+) -> dict:
+    """`build_demo_shards` with these arguments, unless a build with the same ones is there."""
     out_dir = Path(out_dir)
-    defaults = dict(num_train=1024, num_val=64, size=80, shard_size=256, seed=0, min_scale=0.25)
-    unknown = set(kwargs) - set(defaults)
-    if unknown:
-        raise TypeError(f"unknown arguments {sorted(unknown)}")
-    params = {**defaults, **kwargs}
+    params = dict(
+        num_train=num_train, num_val=num_val, size=size, shard_size=shard_size, seed=seed, min_scale=min_scale
+    )
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = None
-    if (
-        manifest is not None
-        and manifest.get("params") == params
-        and all(Path(p).is_file() for p in manifest["train"] + manifest["val"])
-    ):
-        return manifest
+        complete = manifest["params"] == params and all(
+            (out_dir / name).is_file() for name in manifest["train"] + manifest["val"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        complete = False
+    if complete:
+        return _describe(out_dir, manifest)
     return build_demo_shards(out_dir, **params)
 
 
@@ -175,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if the shards are there")
     args = parser.parse_args(argv)
-    params = dict(num_train=args.num_train, num_val=args.num_val, size=args.size, shard_size=args.shard_size, seed=args.seed)
+    params = dict(
+        num_train=args.num_train, num_val=args.num_val, size=args.size, shard_size=args.shard_size, seed=args.seed
+    )
     build = build_demo_shards if args.force else ensure_demo_shards
     manifest = build(args.out_dir, **params)
     print(f"classes: {', '.join(manifest['classes'])}")

@@ -87,7 +87,8 @@ class SkipCounter:
     Read `counter.skipped` (an int) from the training process at any time: it sums the
     tallies of every loader made with this counter, including what their DataLoader
     workers skipped. It is per process; all-reduce it to get the total over DDP ranks.
-    A broken shard tail (truncated tar) counts as one skip.
+    It counts skip events: one per bad sample, and a few for a truncated or unreadable
+    shard (the read error, then the partial sample it cut off).
     """
 
     def __init__(self) -> None:
@@ -136,10 +137,15 @@ def _describe(sample: dict) -> str:
 
 
 def list_image_files(root: str | Path) -> list[Path]:
-    """Image files under `root`, recursively, sorted by relative path."""
+    """Image files under `root`, recursively, sorted by relative path; hidden ones left out."""
     root = Path(root)
-    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_FILE_SUFFIXES and p.is_file()]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    files = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if path.suffix.lower() in IMAGE_FILE_SUFFIXES and not any(part.startswith(".") for part in rel.parts):
+            if path.is_file():
+                files.append((rel.as_posix(), path))
+    return [path for _, path in sorted(files)]
 
 
 def _is_tar_source(source: str | Path | Sequence) -> bool:
@@ -224,7 +230,8 @@ class EvalStream(IterableDataset):
     The first `max_images` samples (before any split) are dealt out by running index:
     rank r takes i % world_size == r, and within a rank, worker w takes every
     num_workers-th of those. A DataLoader reads its workers round-robin, so the rank's
-    samples come out in their original order. Splitting samples rather than shards
+    samples come out in their original order (when none is skipped; with skips the order
+    is still deterministic for a given number of workers). Splitting samples rather than shards
     keeps each image exactly once even with fewer shards than ranks; the cost is that
     every worker reads (but does not decode) the whole tar stream.
     """

@@ -47,7 +47,8 @@ class ReconstructionMetrics:
     disjoint shards each image counts once.
 
     Args:
-        codebook_size: track code usage for ids in [0, codebook_size); None for continuous models.
+        codebook_size: track code usage for ids in [0, codebook_size); None for continuous models
+            (ids passed to update are then ignored).
         fid: True for TF-FID Inception, False to skip, or a feature extractor module (tests).
         lpips: compute LPIPS-VGG.
         inception_weights, lpips_weights: weight files (or folders); None looks in the torch hub cache.

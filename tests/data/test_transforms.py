@@ -1,0 +1,50 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokenizers_vis.data.transforms import decode_label, eval_transform, train_transform
+
+
+def _ramp(width: int, height: int) -> Image.Image:
+    x = np.linspace(0, 255, width, dtype=np.float64)[None, :].repeat(height, 0)
+    return Image.fromarray(np.stack([x, x, x], -1).round().astype(np.uint8))
+
+
+def test_eval_transform_resizes_short_side_and_centre_crops():
+    img = _ramp(64, 32)  # short side 32 -> already at resolution: crop only
+    out = eval_transform(img, 32)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    expected = torch.from_numpy(np.array(img)[:, 16:48]).permute(2, 0, 1).float() / 255
+    assert torch.equal(out, expected)
+    assert eval_transform(_ramp(40, 90), 16).shape == (3, 16, 16)
+
+
+def test_train_transform_shapes_range_and_seeded_randomness():
+    img = _ramp(96, 48)
+    outs = [train_transform(img, 24, random.Random(s)) for s in range(8)]
+    for out in outs:
+        assert out.shape == (3, 24, 24) and 0.0 <= out.min() and out.max() <= 1.0
+    assert torch.equal(outs[0], train_transform(img, 24, random.Random(0)))
+    # Random crops of a horizontal ramp differ in where they start; flips reverse it.
+    left_columns = {round(float(o[0, 0, 0]), 3) for o in outs}
+    assert len(left_columns) > 2
+    rising = [bool(o[0, 0, -1] > o[0, 0, 0]) for o in outs]
+    assert any(rising) and not all(rising)
+    no_flip = [train_transform(img, 24, random.Random(s), random_flip=False) for s in range(8)]
+    assert all(bool(o[0, 0, -1] > o[0, 0, 0]) for o in no_flip)
+
+
+def test_interpolation_name_is_checked():
+    with pytest.raises(ValueError, match="interpolation"):
+        eval_transform(_ramp(8, 8), 4, interpolation="cubic-ish")
+    near = eval_transform(_ramp(64, 64), 16, interpolation="nearest")
+    cubic = eval_transform(_ramp(64, 64), 16, interpolation="bicubic")
+    assert not torch.equal(near, cubic)
+
+
+def test_decode_label():
+    assert decode_label({"cls": b"7\n"}) == 7
+    assert decode_label({"png": b""}) == -1
