@@ -1,5 +1,5 @@
 """Saving and loading tokenizers: a folder (config.json + model.safetensors), a training
-checkpoint (.ckpt, EMA weights by default), or a Hugging Face Hub id."""
+checkpoint (.ckpt, EMA weights by default), or a Hugging Face Hub id; pushing a folder to the Hub."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tokenizers_vis.models.base import Tokenizer, build_tokenizer
+from tokenizers_vis.models.titok_official import is_official_titok_config, load_official
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -29,6 +30,14 @@ def save_pretrained(tokenizer: Tokenizer, directory: str | os.PathLike, extra_co
     state = {k: v.detach().contiguous().cpu() for k, v in tokenizer.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "model_type": tokenizer.model_type})
     return directory
+
+
+class CheckpointError(ValueError):
+    """A file that is not a training checkpoint of this framework."""
+
+
+class HubTokenError(RuntimeError):
+    """No Hugging Face token for an upload."""
 
 
 def _tokenizer_from_state(config: dict[str, Any], state: dict[str, torch.Tensor]) -> Tokenizer:
@@ -49,19 +58,40 @@ def checkpoint_state(checkpoint: dict[str, Any], use_ema: bool = True) -> dict[s
     raise ValueError("checkpoint holds no tokenizer weights (no 'ema.*' or 'tokenizer.*' keys)")
 
 
-def load_checkpoint(path: str | os.PathLike, use_ema: bool = True) -> Tokenizer:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a `TokenizerModule` checkpoint onto the CPU, with clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {str(path)!r}")
+    try:
+        # Lightning checkpoints pickle the optimizer partials in their hyper-parameters, which
+        # `weights_only=True` refuses.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a tokenizers_vis training checkpoint (torch.load failed: {err})") from err
     if not isinstance(checkpoint, dict) or "tokenizer_config" not in checkpoint:
-        raise ValueError(f"{path} is not a tokenizers_vis training checkpoint (no 'tokenizer_config' entry)")
+        raise CheckpointError(f"{path} is not a tokenizers_vis training checkpoint (no 'tokenizer_config' entry)")
+    return checkpoint
+
+
+def tokenizer_from_checkpoint(checkpoint: dict[str, Any], use_ema: bool = True) -> Tokenizer:
+    """Rebuild the tokenizer of a loaded checkpoint (EMA weights when kept, unless `use_ema=False`)."""
     return _tokenizer_from_state(checkpoint["tokenizer_config"], checkpoint_state(checkpoint, use_ema))
+
+
+def load_checkpoint(path: str | os.PathLike, use_ema: bool = True) -> Tokenizer:
+    return tokenizer_from_checkpoint(read_checkpoint(path), use_ema=use_ema)
 
 
 def load_folder(directory: str | os.PathLike) -> Tokenizer:
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if is_official_titok_config(config):
+        # A released TiTok repo: official config and weight names, converted on the way in.
+        return load_official(directory, config)
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{directory} must hold {CONFIG_NAME} and {WEIGHTS_NAME}")
-    config = json.loads(config_path.read_text())
     return _tokenizer_from_state(config, load_file(str(weights_path)))
 
 
@@ -93,3 +123,42 @@ def load_tokenizer(path_or_id: str | os.PathLike, use_ema: bool = True, revision
     if text.endswith(".ckpt") or text.startswith((".", "/")) or text.count("/") != 1:
         raise FileNotFoundError(f"no checkpoint or tokenizer folder at {text!r}")
     return load_folder(_download(text, revision))
+
+
+def hub_token(token: str | None = None) -> str:
+    """`token`, else the one `huggingface_hub` finds (HF_TOKEN or a saved login); an error if none."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubTokenError(
+            "no Hugging Face token found: log in with `hf auth login` (`huggingface-cli login` on older "
+            "huggingface_hub) or set HF_TOKEN to a token with write access (https://huggingface.co/settings/tokens)"
+        )
+    return token
+
+
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Create the model repo `repo_id` (kept if it exists) and upload `folder` to it; returns its URL."""
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder to upload at {str(folder)!r}")
+    token = hub_token(token)
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise OSError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it where there is network")
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id=repo_id, private=private, repo_type="model", exist_ok=True)
+    api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, repo_type="model",
+        commit_message=commit_message or f"Upload {folder.name} with tokenizers_vis",
+    )
+    return str(url)

@@ -5,18 +5,26 @@ outputs; they are quantized (VQ, optionally l2) or sampled from a diagonal Gauss
 decoder reads [class, grid of mask tokens] followed by the K tokens and predicts pixels from the
 mask-token outputs. TiTok works on [0, 1] pixels directly, as the official model does.
 
+Two decoder heads: "pixel" (the one-stage variants predict RGB patches) and "proxy_codes" (the
+released S-128/B-64/L-32: logits over the 1024 codes of a MaskGIT-VQGAN, whose softmax mixes the
+1024 x 256 `pixel_quantize` codebook into the input of the MaskGIT conv `pixel_decoder`).
+
 Parameter names follow the official layout (`encoder.*`, `decoder.*`, `latent_tokens`,
-`quantize.*`) so that the released checkpoints map onto this module with a short key mapping.
+`quantize.*`, `pixel_quantize.*`, `pixel_decoder.*`) so that the released checkpoints map onto this
+module with the short key mapping of `tokenizers_vis.models.titok_official`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from einops import rearrange
+from einops.layers.torch import Rearrange
 from torch import nn
 
 from tokenizers_vis.models.base import Encoded, ModelOutput, Tokenizer, register_tokenizer
-from tokenizers_vis.nn.quantizers import build_quantizer
+from tokenizers_vis.nn.cnn import ConvDecoder
+from tokenizers_vis.nn.quantizers import VectorQuantizer, build_quantizer
 from tokenizers_vis.nn.transformer import PatchEmbed, Transformer, embedding_parameter, init_vit_weights
 
 # Named widths of the released models: width, depth, heads.
@@ -97,14 +105,30 @@ class PixelHead(nn.Module):
 
     def __init__(self, width: int, patch_size: int):
         super().__init__()
-        self.patch_size = patch_size
-        self.ffn = nn.Conv2d(width, patch_size * patch_size * 3, kernel_size=1)
+        p = patch_size
+        self.ffn = nn.Sequential(
+            nn.Conv2d(width, p * p * 3, kernel_size=1),
+            Rearrange("b (p1 p2 c) h w -> b c (h p1) (w p2)", p1=p, p2=p),
+        )
         self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        x = rearrange(self.ffn(x), "b (p1 p2 c) h w -> b c (h p1) (w p2)", p1=p, p2=p)
-        return self.conv_out(x)
+        return self.conv_out(self.ffn(x))
+
+
+class ProxyCodeHead(nn.Module):
+    """1x1 conv W -> 2W, Tanh, 1x1 conv 2W -> logits over the proxy (MaskGIT-VQGAN) codes."""
+
+    def __init__(self, width: int, num_codes: int):
+        super().__init__()
+        self.ffn = nn.Sequential(
+            nn.Conv2d(width, 2 * width, kernel_size=1),
+            nn.Tanh(),
+            nn.Conv2d(2 * width, num_codes, kernel_size=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(x)
 
 
 @register_tokenizer
@@ -113,7 +137,11 @@ class TiTok(Tokenizer):
 
     quantizer: "vq" (codebook_size x token_dim, `use_l2_norm` for cosine lookup) or "vae"
         (a diagonal Gaussian with `token_dim` channels, no ids).
-    head: "pixel" (one-stage variants: the decoder predicts RGB directly).
+    head: "pixel" (one-stage variants: the decoder predicts RGB directly) or "proxy_codes" (the
+        released S/B/L: `proxy_codebook_size` logits per grid cell; their softmax mixes the
+        `pixel_quantize` codebook (proxy_codebook_size x pixel_decoder_z_channels) into the input
+        of `pixel_decoder`, a MaskGIT-VQGAN conv decoder with `pixel_decoder_channels` base
+        channels (128 released), `pixel_decoder_channel_mult` and `pixel_decoder_res_blocks`).
     legacy_reshape: the released S/B/L encoder-output reshape quirk.
     """
 
@@ -143,12 +171,20 @@ class TiTok(Tokenizer):
         kl_weight: float = 1e-6,
         head: str = "pixel",
         legacy_reshape: bool = False,
+        proxy_codebook_size: int = 1024,
+        pixel_decoder_channels: int = 128,
+        pixel_decoder_channel_mult: Sequence[int] = (1, 1, 2, 2, 4),
+        pixel_decoder_res_blocks: int = 2,
+        pixel_decoder_z_channels: int = 256,
     ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} must be divisible by patch_size {patch_size}")
-        if head != "pixel":
-            raise ValueError(f"unknown TiTok head {head!r}; expected 'pixel'")
+        if head not in ("pixel", "proxy_codes"):
+            raise ValueError(f"unknown TiTok head {head!r}; expected 'pixel' or 'proxy_codes'")
+        if head == "proxy_codes" and 2 ** (len(pixel_decoder_channel_mult) - 1) != patch_size:
+            raise ValueError(f"the pixel decoder upsamples the grid by 2**(len(pixel_decoder_channel_mult) - 1) = "
+                             f"{2 ** (len(pixel_decoder_channel_mult) - 1)}, which must equal patch_size {patch_size}")
         enc_w, enc_d, enc_h = resolve_size(encoder_size, encoder_width, encoder_depth, encoder_heads)
         dec_w, dec_d, dec_h = resolve_size(decoder_size, decoder_width, decoder_depth, decoder_heads)
         self.image_size = image_size
@@ -156,6 +192,7 @@ class TiTok(Tokenizer):
         self.num_tokens = num_latent_tokens
         self.quantizer_kind = quantizer
         self.token_dim = token_dim
+        self.head_kind = head
 
         if quantizer == "vq":
             self.quantize = build_quantizer(
@@ -175,10 +212,23 @@ class TiTok(Tokenizer):
         self.latent_tokens = embedding_parameter(num_latent_tokens, enc_w, width=enc_w)
         self.encoder = TiTokEncoder(image_size, patch_size, num_latent_tokens, enc_w, enc_d, enc_h,
                                     encoder_channels, mlp_ratio, legacy_reshape)
+        if head == "pixel":
+            decoder_head = PixelHead(dec_w, patch_size)
+        else:
+            decoder_head = ProxyCodeHead(dec_w, proxy_codebook_size)
         self.decoder = TiTokDecoder(image_size, patch_size, num_latent_tokens, dec_w, dec_d, dec_h, token_dim,
-                                    mlp_ratio, PixelHead(dec_w, patch_size))
+                                    mlp_ratio, decoder_head)
         init_vit_weights(self.encoder)
         init_vit_weights(self.decoder)
+        if head == "proxy_codes":
+            # The MaskGIT-VQGAN codebook and decoder; `maskgit_shortcut` because the released
+            # pixel decoders were trained with that residual.
+            self.pixel_quantize = VectorQuantizer(proxy_codebook_size, pixel_decoder_z_channels)
+            self.pixel_decoder = ConvDecoder(
+                z_channels=pixel_decoder_z_channels, out_channels=3, base_channels=pixel_decoder_channels,
+                channel_mult=tuple(pixel_decoder_channel_mult), num_res_blocks=pixel_decoder_res_blocks,
+                maskgit_shortcut=True,
+            )
 
     # -- Tokenizer API -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, sample: bool = False, noise: torch.Tensor | None = None) -> Encoded:
@@ -198,6 +248,24 @@ class TiTok(Tokenizer):
         """Pixels on the [0, 1] scale (unclamped) from an `Encoded`, ids (B, K) or latents (B, K, C)."""
         if sampling:
             raise ValueError(f"TiTok decoding is deterministic and takes no options, got {sorted(sampling)}")
+        out = self.decoder(self._decoder_input(encoded))
+        return self.logits_to_pixels(out) if self.head_kind == "proxy_codes" else out
+
+    def decode_logits(self, encoded: Encoded | torch.Tensor) -> torch.Tensor:
+        """Proxy-code head: logits (B, proxy_codebook_size, grid, grid) over the MaskGIT-VQGAN codes."""
+        if self.head_kind != "proxy_codes":
+            raise ValueError(f"decode_logits needs head='proxy_codes'; this TiTok has head={self.head_kind!r}")
+        return self.decoder(self._decoder_input(encoded))
+
+    def soft_proxy_codes(self, logits: torch.Tensor) -> torch.Tensor:
+        """The pixel-decoder input: softmax(logits) over the codes mixes the `pixel_quantize` rows."""
+        weight = self.pixel_quantize.embedding.weight
+        return torch.einsum("nchw,cd->ndhw", logits.softmax(dim=1), weight.to(logits.dtype))
+
+    def logits_to_pixels(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.pixel_decoder(self.soft_proxy_codes(logits))
+
+    def _decoder_input(self, encoded: Encoded | torch.Tensor) -> torch.Tensor:
         if isinstance(encoded, Encoded):
             tokens = encoded.latents if encoded.latents is not None else self._embed_ids(encoded.ids)
         elif not encoded.is_floating_point():
@@ -207,7 +275,7 @@ class TiTok(Tokenizer):
         if tokens.dim() != 3 or tokens.shape[1:] != (self.num_tokens, self.token_dim):
             raise ValueError(f"expected latents of shape (B, {self.num_tokens}, {self.token_dim}), "
                              f"got {tuple(tokens.shape)}")
-        return self.decoder(tokens.to(self.decoder.decoder_embed.weight.dtype))
+        return tokens.to(self.decoder.decoder_embed.weight.dtype)
 
     def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if self.codebook_size is None:
@@ -218,16 +286,25 @@ class TiTok(Tokenizer):
     def forward(self, images: torch.Tensor) -> ModelOutput:
         encoded = self.encode(images, sample=self.training)
         aux = encoded.extras["aux"]
-        reconstruction = self.decode(encoded.latents)
+        if self.head_kind == "proxy_codes":
+            # Kept for the proxy-code cross-entropy of the two-stage recipe.
+            encoded.extras["proxy_logits"] = self.decode_logits(encoded.latents)
+            reconstruction = self.logits_to_pixels(encoded.extras["proxy_logits"])
+        else:
+            reconstruction = self.decode(encoded.latents)
         logs = {f"quantizer/{k}": v for k, v in aux.items() if k != "loss"}
         return ModelOutput(reconstruction=reconstruction, aux_loss=aux["loss"], logs=logs, encoded=encoded)
 
     # -- training hooks ------------------------------------------------------------------------
     def last_layer_weight(self) -> torch.Tensor:
+        if self.head_kind == "proxy_codes":
+            return self.pixel_decoder.conv_out.weight
         return self.decoder.head.conv_out.weight
 
     def no_weight_decay_names(self) -> set[str]:
         names = {"latent_tokens", "quantize.embedding.weight"}
+        if self.head_kind == "proxy_codes":
+            names.add("pixel_quantize.embedding.weight")
         for part in ("encoder", "decoder"):
             for key in ("class_embedding", "positional_embedding", "latent_token_positional_embedding"):
                 names.add(f"{part}.{key}")

@@ -1,0 +1,61 @@
+"""Tiny checkpoints in the layout `TokenizerModule` saves, for every registered model type."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenizers_vis import build_tokenizer
+
+_TITOK = dict(model_type="titok", image_size=32, patch_size=8, num_latent_tokens=8, encoder_size=None,
+              decoder_size=None, encoder_width=32, encoder_depth=1, encoder_heads=2, decoder_width=32,
+              decoder_depth=1, decoder_heads=2)
+
+# Tiny configs by name. Every registered model type needs at least one (checked by
+# test_every_registered_model_type_has_a_tiny_config): a new model type adds its own here and
+# every export test then runs for it.
+TINY_CONFIGS = {
+    "titok_vq": {**_TITOK, "quantizer": "vq", "token_dim": 8, "codebook_size": 64},
+    "titok_vae": {**_TITOK, "quantizer": "vae", "token_dim": 8},
+}
+
+
+def write_checkpoint(path: Path, config: dict, step: int = 7, ema: bool = True) -> Path:
+    """A checkpoint with `tokenizer.*` (raw) and `ema.*` weights that differ, the module's step
+    buffers, and the entries Lightning adds."""
+    raw = build_tokenizer(config)
+    state = {f"tokenizer.{k}": v for k, v in raw.state_dict().items()}
+    if ema:
+        averaged = build_tokenizer(config)
+        averaged.load_state_dict(raw.state_dict())
+        with torch.no_grad():
+            for p in averaged.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        state.update({f"ema.{k}": v for k, v in averaged.state_dict().items()})
+    state.update({"step": torch.tensor(step), "nonfinite_steps": torch.tensor(0)})
+    checkpoint = {"epoch": 0, "global_step": step, "state_dict": state, "tokenizer_config": raw.config,
+                  "hyper_parameters": {"ema_decay": 0.999 if ema else None}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture
+def tiny_configs() -> dict:
+    return TINY_CONFIGS
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_config(request) -> dict:
+    return TINY_CONFIGS[request.param]
+
+
+@pytest.fixture
+def checkpoint_writer():
+    return write_checkpoint
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    """<tmp>/run/checkpoints/last.ckpt of a tiny VQ TiTok."""
+    return write_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", TINY_CONFIGS["titok_vq"])
