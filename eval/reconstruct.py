@@ -1,0 +1,55 @@
+"""Reconstruction metrics of a tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage.
+
+    python eval/reconstruct.py tokenizer=outputs/demo/checkpoints/last.ckpt data=demo
+    python eval/reconstruct.py tokenizer=DIR data='/x/val-{000000..000049}.tar' inception_weights=PATH
+    python eval/reconstruct.py tokenizer=DIR data=imagenet devices=8          # 8 processes, one node
+    torchrun --nproc-per-node 8 eval/reconstruct.py tokenizer=DIR data=imagenet hydra.run.dir=DIR
+
+Writes `<output_dir>/metrics.json` and `<output_dir>/grid.png` (conf/eval.yaml; the logic is
+tokenizers_vis/evaluation.py). Exits non-zero when strict_fid / strict_lpips is set and the
+weights are missing.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from tokenizers_vis.evaluation import run_evaluation
+from tokenizers_vis.weights import MissingWeightsError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def data_as_value(argv: list[str]) -> list[str]:
+    """`data=X` -> `data_source='X'`.
+
+    Hydra reads `data=X` as picking a file of the config group conf/data/, but X may also be a
+    folder or a shard pattern, so it is passed as a plain value; quoted, because Hydra's override
+    grammar would read the braces of `/x/val-{000000..000009}.tar` as a dict. Values already
+    quoted, and lists (`data=[a,b]`), are left as they are.
+    """
+    out = []
+    for arg in argv:
+        if arg.startswith("data="):
+            value = arg[len("data="):]
+            if not value.startswith(("'", '"', "[")):
+                value = f"'{value}'" if "'" not in value else f'"{value}"'
+            arg = f"data_source={value}"
+        out.append(arg)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval.yaml")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_evaluation(cfg, conf_dir=CONF_DIR)
+    except MissingWeightsError as err:
+        # A plain message and exit status 1, not Hydra's traceback: this is a setup problem.
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    sys.argv = data_as_value(sys.argv)  # in place: processes launched by devices=N re-run sys.argv
+    main()
