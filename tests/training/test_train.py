@@ -14,15 +14,6 @@ from tokenizers_vis.hub import checkpoint_state
 from tokenizers_vis.training.run import run_training
 
 
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    from tokenizers_vis.data import ensure_demo_shards
-
-    data_dir = tmp_path_factory.mktemp("data")
-    ensure_demo_shards(data_dir / "demo", num_train=64, num_val=16, shard_size=32)
-    return data_dir
-
-
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_with_debug_smoke(experiment, demo_data, tmp_path):
     cfg = compose_train([f"experiment={experiment}", "debug=smoke", "validate_before_fit=false"], tmp_path,

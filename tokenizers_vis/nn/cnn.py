@@ -5,6 +5,8 @@ attention, nearest x2 upsampling followed by a 3x3 conv in the decoder and 2x2 a
 the encoder. With the defaults the decoder is the MaskGIT-VQGAN decoder that the released TiTok
 S/B/L checkpoints ship as `pixel_decoder` (30.5M parameters), and its submodule names are those of
 that checkpoint: conv_in, mid.{j}, up.{i}.block.{j}, up.{i}.upsample_conv, norm_out, conv_out.
+With the defaults the encoder is the MaskGIT-VQGAN encoder, under that model's names: conv_in,
+down.{i}.block.{j}, mid.{j}, norm_out, conv_out.
 """
 
 from __future__ import annotations
@@ -129,6 +131,8 @@ class ConvEncoder(nn.Module):
 
     bias-free 3x3 conv_in, levels `down.0` (finest) .. `down.{L-1}`, num_res_blocks `mid` blocks at
     the coarsest width, GroupNorm + SiLU, and a 1x1 conv_out to z_channels (MaskGIT-VQGAN layout).
+    `maskgit_shortcut` defaults to True as in the decoder: the MaskGIT-VQGAN encoder uses the same
+    residual block, so its pretrained weights expect that shortcut.
     """
 
     def __init__(
@@ -140,7 +144,7 @@ class ConvEncoder(nn.Module):
         num_res_blocks: int = 2,
         norm_groups: int = 32,
         norm_eps: float = 1e-6,
-        maskgit_shortcut: bool = False,
+        maskgit_shortcut: bool = True,
     ):
         super().__init__()
         widths = [base_channels * m for m in channel_mult]

@@ -1,0 +1,227 @@
+"""VQGAN: convolutional encoder, vector quantizer, convolutional decoder, in the MaskGIT-VQGAN layout.
+
+With the defaults this is the MaskGIT-VQGAN (ImageNet 256 px, 16x downsampling to a 16x16 grid,
+1024 x 256 codebook, no attention) whose codes TiTok's two-stage recipe uses as "proxy codes": the
+stage-1 TiTok learns to predict them, and its decoder and codebook become TiTok's `pixel_decoder`
+and `pixel_quantize`. Pixels are [0, 1] in and out, as that model works (no [-1, 1] remap).
+
+Teachers are read by `load_vqgan`: one of our checkpoints, folders or Hub ids (`load_tokenizer`),
+or a state-dict file in the official MaskGIT-VQGAN layout (the `maskgit-vqgan-imagenet-f16-256.bin`
+that TiTok's training uses). That layout names every weight as this module does, so the key
+mapping is the identity:
+
+    official / ours                                   what
+    encoder.conv_in.weight                            bias-free 3x3 conv from RGB
+    encoder.down.{i}.block.{j}.{norm1,conv1,          residual blocks of level i (finest first);
+        norm2,conv2,nin_shortcut}.*                   nin_shortcut where the width changes
+    encoder.mid.{j}.*, encoder.norm_out.*             blocks and GroupNorm at the coarsest level
+    encoder.conv_out.{weight,bias}                    1x1 conv to z_channels
+    quantize.embedding.weight                         the codebook (codebook_size x z_channels)
+    decoder.conv_in / mid.{j} / up.{i}.block.{j} /    the MaskGIT decoder (nn.cnn.ConvDecoder)
+        up.{i}.upsample_conv / norm_out / conv_out
+
+The sizes are read from the tensors (`config_from_maskgit_state`), so any model in that layout
+loads, and the strict load catches whatever the shapes did not describe.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokenizers_vis.models.base import Encoded, ModelOutput, Tokenizer, register_tokenizer
+from tokenizers_vis.nn.cnn import ConvDecoder, ConvEncoder
+from tokenizers_vis.nn.quantizers import VectorQuantizer
+
+# The resolution the official MaskGIT-VQGAN was trained at; its state dict does not record it.
+MASKGIT_IMAGE_SIZE = 256
+# The official model hard-codes GroupNorm with 32 groups; a state dict cannot tell the group count.
+MASKGIT_NORM_GROUPS = 32
+
+
+@register_tokenizer
+class VQGAN(Tokenizer):
+    """Conv encoder -> VQ (plain squared-distance lookup) -> conv decoder; ids on a square grid.
+
+    image_size: the images it takes; the grid is image_size / 2**(len(channel_mult) - 1) per side.
+    base_channels, channel_mult, num_res_blocks, norm_groups: both conv stacks (nn.cnn).
+    z_channels: width of the latent grid and of the codes. codebook_size: number of codes.
+    Ids are (B, grid * grid) in row-major grid order, latents (B, grid * grid, z_channels).
+    """
+
+    model_type = "vqgan"
+
+    def __init__(
+        self,
+        image_size: int = MASKGIT_IMAGE_SIZE,
+        base_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        z_channels: int = 256,
+        codebook_size: int = 1024,
+        norm_groups: int = MASKGIT_NORM_GROUPS,
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+    ):
+        super().__init__()
+        factor = 2 ** (len(channel_mult) - 1)
+        if image_size % factor:
+            raise ValueError(f"image_size {image_size} must be divisible by the downsampling factor {factor} "
+                             f"(2**(len(channel_mult) - 1))")
+        self.image_size = image_size
+        self.downsampling = factor
+        self.grid_size = image_size // factor
+        self.num_tokens = self.grid_size**2
+        self.codebook_size = codebook_size
+        conv = dict(base_channels=base_channels, channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
+                    norm_groups=norm_groups)
+        self.encoder = ConvEncoder(in_channels=3, z_channels=z_channels, **conv)
+        self.quantize = VectorQuantizer(codebook_size, z_channels, commitment_weight=commitment_weight,
+                                        codebook_weight=codebook_weight)
+        self.decoder = ConvDecoder(z_channels=z_channels, out_channels=3, **conv)
+
+    # -- Tokenizer API -------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> Encoded:
+        self.check_images(images, self.downsampling)
+        z = self.encoder(images)
+        b, c, h, w = z.shape
+        z = z.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        latents, ids, aux = self.quantize(z)
+        return Encoded(ids=ids, latents=latents, extras={"pre_quant": z, "aux": aux, "grid": (h, w)})
+
+    def decode(self, encoded: Encoded | torch.Tensor, **sampling) -> torch.Tensor:
+        """Pixels on the [0, 1] scale (unclamped) from an `Encoded`, ids (B, K) or latents (B, K, C)."""
+        if sampling:
+            raise ValueError(f"VQGAN decoding is deterministic and takes no options, got {sorted(sampling)}")
+        if isinstance(encoded, Encoded):
+            latents = encoded.latents if encoded.latents is not None else self._embed_ids(encoded.ids)
+        elif not encoded.is_floating_point():
+            latents = self._embed_ids(encoded)
+        else:
+            latents = encoded
+        b, k, c = latents.shape
+        if k != self.num_tokens:
+            raise ValueError(f"expected {self.num_tokens} latents ({self.grid_size}x{self.grid_size}), got {k}")
+        grid = latents.reshape(b, self.grid_size, self.grid_size, c).permute(0, 3, 1, 2)
+        return self.decoder(grid.to(self.decoder.conv_in.weight.dtype))
+
+    def code_grid(self, images: torch.Tensor) -> torch.Tensor:
+        """The codes of `images` as a (B, grid, grid) map: the targets of TiTok's proxy-code stage."""
+        ids = self.encode(images).ids
+        return ids.reshape(ids.shape[0], self.grid_size, self.grid_size)
+
+    def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        self.check_ids(ids, self.num_tokens)
+        return self.quantize.embed(ids)
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        encoded = self.encode(images)
+        aux = encoded.extras["aux"]
+        logs = {f"quantizer/{k}": v for k, v in aux.items() if k != "loss"}
+        return ModelOutput(reconstruction=self.decode(encoded.latents), aux_loss=aux["loss"], logs=logs,
+                           encoded=encoded)
+
+    # -- training hooks ------------------------------------------------------------------------
+    def last_layer_weight(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight
+
+    def no_weight_decay_names(self) -> set[str]:
+        return {"quantize.embedding.weight"}
+
+
+# -- the official MaskGIT-VQGAN layout -------------------------------------------------------------
+def _count(state: Mapping[str, torch.Tensor], prefix: str, suffix: str) -> int:
+    """How many consecutive indices i have a key f"{prefix}{i}{suffix}"."""
+    n = 0
+    while f"{prefix}{n}{suffix}" in state:
+        n += 1
+    return n
+
+
+def config_from_maskgit_state(state: Mapping[str, torch.Tensor], image_size: int = MASKGIT_IMAGE_SIZE) -> dict:
+    """Our `VQGAN` config for a state dict in the official MaskGIT-VQGAN layout, sizes read from its tensors."""
+    needed = ("encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight",
+              "encoder.down.0.block.0.conv1.weight")
+    absent = [key for key in needed if key not in state]
+    if absent:
+        raise ValueError(f"not a MaskGIT-VQGAN state dict: no {absent} (expected encoder.*, quantize.*, decoder.*)")
+    base = state["encoder.conv_in.weight"].shape[0]
+    levels = _count(state, "encoder.down.", ".block.0.conv1.weight")
+    return {
+        "model_type": VQGAN.model_type,
+        "image_size": image_size,
+        "base_channels": base,
+        "channel_mult": [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base for i in range(levels)],
+        "num_res_blocks": _count(state, "encoder.down.0.block.", ".conv1.weight"),
+        "z_channels": state["encoder.conv_out.weight"].shape[0],
+        "codebook_size": state["quantize.embedding.weight"].shape[0],
+        "norm_groups": MASKGIT_NORM_GROUPS,
+    }
+
+
+def vqgan_from_maskgit_state(state: Mapping[str, torch.Tensor], image_size: int = MASKGIT_IMAGE_SIZE) -> VQGAN:
+    """Our VQGAN, in eval mode, holding an official-layout state dict (identity key mapping, strict)."""
+    config = config_from_maskgit_state(state, image_size)
+    config.pop("model_type")
+    vqgan = VQGAN(**config)
+    try:
+        vqgan.load_state_dict(dict(state), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"MaskGIT-VQGAN weights do not match the model their shapes describe ({config}): "
+                         f"{err}") from err
+    return vqgan.eval()
+
+
+def maskgit_state_dict(vqgan: VQGAN) -> dict[str, torch.Tensor]:
+    """Our VQGAN's weights in the official MaskGIT-VQGAN layout (the same names; parameters only)."""
+    return {name: param.detach().contiguous().cpu() for name, param in vqgan.named_parameters()}
+
+
+def save_maskgit_vqgan(vqgan: VQGAN, path: str | os.PathLike) -> Path:
+    """Write `vqgan` as one official-layout state-dict file: safetensors for a .safetensors name,
+    else torch.save (the official .bin)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = maskgit_state_dict(vqgan)
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain state dict from a .safetensors file or a torch file (loaded without unpickling code)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return dict(state)
+
+
+def load_vqgan(source: str | os.PathLike, image_size: int | None = None) -> VQGAN:
+    """A VQGAN in eval mode from any of the places a teacher may come from.
+
+    source: a file in the official MaskGIT-VQGAN layout (any file that is not a `.ckpt`), or one of
+        our `.ckpt` checkpoints (EMA weights), saved folders or Hub ids (see `hub.load_tokenizer`).
+    image_size: for official files, the image size to accept (default 256, the official one); our
+        formats record theirs, and a different value here is an error.
+    """
+    from tokenizers_vis.hub import load_tokenizer  # hub imports the model registry
+
+    path = Path(source)
+    if path.is_file() and path.suffix != ".ckpt":
+        return vqgan_from_maskgit_state(read_state_file(path), image_size or MASKGIT_IMAGE_SIZE)
+    tokenizer = load_tokenizer(source)
+    if not isinstance(tokenizer, VQGAN):
+        raise ValueError(f"{source} holds a {tokenizer.model_type!r} tokenizer, not a VQGAN")
+    if image_size is not None and image_size != tokenizer.image_size:
+        raise ValueError(f"{source} is a VQGAN for {tokenizer.image_size} px images, not {image_size} px")
+    return tokenizer
+
