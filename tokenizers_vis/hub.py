@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tokenizers_vis.models.base import Tokenizer, build_tokenizer
+from tokenizers_vis.models.flextok_official import load_official as load_official_flextok
+from tokenizers_vis.models.flextok_official import read_official_config as read_official_flextok_config
 from tokenizers_vis.models.titok_official import is_official_titok_config, load_official
 
 CONFIG_NAME = "config.json"
@@ -90,6 +92,10 @@ def load_folder(directory: str | os.PathLike) -> Tokenizer:
     if is_official_titok_config(config):
         # A released TiTok repo: official config and weight names, converted on the way in.
         return load_official(directory, config)
+    flextok_config = read_official_flextok_config(directory)
+    if flextok_config is not None:
+        # A released FlexTok repo: Hydra `_target_` config (config.json or safetensors metadata).
+        return load_official_flextok(directory, flextok_config)
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{directory} must hold {CONFIG_NAME} and {WEIGHTS_NAME}")
     return _tokenizer_from_state(config, load_file(str(weights_path)))

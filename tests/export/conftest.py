@@ -17,6 +17,11 @@ _TITOK = dict(model_type="titok", image_size=32, patch_size=8, num_latent_tokens
 TINY_CONFIGS = {
     "titok_vq": {**_TITOK, "quantizer": "vq", "token_dim": 8, "codebook_size": 64},
     "titok_vae": {**_TITOK, "quantizer": "vae", "token_dim": 8},
+    "vqgan": dict(model_type="vqgan", image_size=32, base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
+                  z_channels=8, codebook_size=32, norm_groups=4),
+    "flextok": dict(model_type="flextok", image_size=32, vae=None, patch_size=8, num_registers=8, encoder_width=32,
+                    encoder_depth=1, encoder_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2,
+                    sample_steps=2, guidance_scale=1.5),
 }
 
 

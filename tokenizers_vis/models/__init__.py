@@ -4,5 +4,9 @@ from tokenizers_vis.models.base import Encoded, ModelOutput, Tokenizer, build_to
 
 __all__ = ["Encoded", "ModelOutput", "Tokenizer", "build_tokenizer", "register_tokenizer"]
 from tokenizers_vis.models.titok import TiTok  # noqa: E402  (registers "titok")
+from tokenizers_vis.models.vqgan import VQGAN  # noqa: E402  (registers "vqgan")
 
-__all__ += ["TiTok"]
+__all__ += ["TiTok", "VQGAN"]
+from tokenizers_vis.models.flextok import FlexTok  # noqa: E402  (registers "flextok")
+
+__all__ += ["FlexTok"]

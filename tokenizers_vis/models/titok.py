@@ -9,6 +9,12 @@ Two decoder heads: "pixel" (the one-stage variants predict RGB patches) and "pro
 released S-128/B-64/L-32: logits over the 1024 codes of a MaskGIT-VQGAN, whose softmax mixes the
 1024 x 256 `pixel_quantize` codebook into the input of the MaskGIT conv `pixel_decoder`).
 
+Two-stage training (the released S/B/L recipe): `frozen` names the parts a stage keeps fixed
+(stage 1: the pixel decoder and its codebook, which come from the teacher VQGAN; stage 2: encoder,
+quantizer and latent tokens), `forward(images, pixels=False)` gives the proxy-code logits without
+running the pixel decoder, and `pixel_weights_from(vqgan)` takes a MaskGIT-VQGAN's decoder and
+codebook as `pixel_decoder` / `pixel_quantize`.
+
 Parameter names follow the official layout (`encoder.*`, `decoder.*`, `latent_tokens`,
 `quantize.*`, `pixel_quantize.*`, `pixel_decoder.*`) so that the released checkpoints map onto this
 module with the short key mapping of `tokenizers_vis.models.titok_official`.
@@ -29,6 +35,10 @@ from tokenizers_vis.nn.transformer import PatchEmbed, Transformer, embedding_par
 
 # Named widths of the released models: width, depth, heads.
 MODEL_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
+# The top-level parts `frozen` may name; the last two exist with the proxy-code head only.
+FREEZABLE_PARTS = ("latent_tokens", "encoder", "quantize", "decoder", "pixel_quantize", "pixel_decoder")
+# With all of these frozen, nothing before the decoder trains, so encoding needs no graph.
+ENCODING_PARTS = frozenset({"latent_tokens", "encoder", "quantize"})
 
 
 def resolve_size(size: str | None, width: int | None, depth: int | None, heads: int | None) -> tuple[int, int, int]:
@@ -143,9 +153,15 @@ class TiTok(Tokenizer):
         of `pixel_decoder`, a MaskGIT-VQGAN conv decoder with `pixel_decoder_channels` base
         channels (128 released), `pixel_decoder_channel_mult` and `pixel_decoder_res_blocks`).
     legacy_reshape: the released S/B/L encoder-output reshape quirk.
+    frozen: parts (of `FREEZABLE_PARTS`) that do not train: their parameters get requires_grad=False
+        and their modules stay in eval mode; with encoder, quantize and latent_tokens all frozen,
+        `forward` encodes without building a graph. The two-stage recipe sets it per stage.
+    linear_init: "trunc_normal" (std 0.02, as the official TiTok) or "xavier" (MAE style; escapes
+        the mean-image plateau much sooner at small scale, which the CPU demo relies on).
     """
 
     model_type = "titok"
+    frozen_parts: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -176,6 +192,8 @@ class TiTok(Tokenizer):
         pixel_decoder_channel_mult: Sequence[int] = (1, 1, 2, 2, 4),
         pixel_decoder_res_blocks: int = 2,
         pixel_decoder_z_channels: int = 256,
+        frozen: Sequence[str] = (),
+        linear_init: str = "trunc_normal",
     ):
         super().__init__()
         if image_size % patch_size:
@@ -218,8 +236,8 @@ class TiTok(Tokenizer):
             decoder_head = ProxyCodeHead(dec_w, proxy_codebook_size)
         self.decoder = TiTokDecoder(image_size, patch_size, num_latent_tokens, dec_w, dec_d, dec_h, token_dim,
                                     mlp_ratio, decoder_head)
-        init_vit_weights(self.encoder)
-        init_vit_weights(self.decoder)
+        init_vit_weights(self.encoder, linear_init=linear_init)
+        init_vit_weights(self.decoder, linear_init=linear_init)
         if head == "proxy_codes":
             # The MaskGIT-VQGAN codebook and decoder; `maskgit_shortcut` because the released
             # pixel decoders were trained with that residual.
@@ -229,6 +247,16 @@ class TiTok(Tokenizer):
                 channel_mult=tuple(pixel_decoder_channel_mult), num_res_blocks=pixel_decoder_res_blocks,
                 maskgit_shortcut=True,
             )
+        self._freeze(tuple(frozen))
+
+    def _freeze(self, parts: tuple[str, ...]) -> None:
+        available = [p for p in FREEZABLE_PARTS if hasattr(self, p)]
+        unknown = sorted(set(parts) - set(available))
+        if unknown:
+            raise ValueError(f"cannot freeze {unknown}: this TiTok (head={self.head_kind!r}) has the parts {available}")
+        self.frozen_parts = parts
+        for name in parts:
+            getattr(self, name).requires_grad_(False)
 
     # -- Tokenizer API -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, sample: bool = False, noise: torch.Tensor | None = None) -> Encoded:
@@ -283,13 +311,45 @@ class TiTok(Tokenizer):
         self.check_ids(ids, self.num_tokens)
         return self.quantize.embed(ids)
 
-    def forward(self, images: torch.Tensor) -> ModelOutput:
-        encoded = self.encode(images, sample=self.training)
+    def pixel_weights_from(self, vqgan: nn.Module) -> dict[str, torch.Tensor]:
+        """`pixel_quantize.*` / `pixel_decoder.*` from a MaskGIT-VQGAN's `quantize.*` / `decoder.*`.
+
+        The official stage-2 initialisation ("pixel_" + the teacher's names, encoder left out);
+        raises unless the teacher's decoder and codebook have exactly this model's pixel-part shapes.
+        """
+        if self.head_kind != "proxy_codes":
+            raise ValueError(f"only the proxy-code head has a pixel decoder; this TiTok has head={self.head_kind!r}")
+        taken = {f"pixel_{k}": v for k, v in vqgan.state_dict().items() if k.startswith(("quantize.", "decoder."))}
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(("pixel_quantize.", "pixel_decoder."))}
+        missing, unexpected = sorted(own.keys() - taken.keys()), sorted(taken.keys() - own.keys())
+        mismatched = sorted(k for k in own.keys() & taken.keys() if own[k].shape != taken[k].shape)
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                "the VQGAN's decoder and codebook do not fit this TiTok's pixel decoder (proxy_codebook_size, "
+                f"pixel_decoder_*): missing {missing[:4]}, unexpected {unexpected[:4]}, other shapes {mismatched[:4]}")
+        return taken
+
+    def train(self, mode: bool = True) -> TiTok:
+        super().train(mode)
+        for name in self.frozen_parts:
+            part = getattr(self, name)
+            if isinstance(part, nn.Module):
+                part.eval()  # as at inference: e.g. a frozen quantizer restarts no dead codes
+        return self
+
+    def forward(self, images: torch.Tensor, pixels: bool = True) -> ModelOutput:
+        """encode + decode. pixels=False (proxy-code head only) stops at the logits, which stage-1
+        training needs, and skips the pixel decoder: `reconstruction` is then None."""
+        if not pixels and self.head_kind != "proxy_codes":
+            raise ValueError("pixels=False skips the pixel decoder of the proxy-code head; this TiTok has "
+                             f"head={self.head_kind!r}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not ENCODING_PARTS <= set(self.frozen_parts)):
+            encoded = self.encode(images, sample=self.training)
         aux = encoded.extras["aux"]
         if self.head_kind == "proxy_codes":
             # Kept for the proxy-code cross-entropy of the two-stage recipe.
             encoded.extras["proxy_logits"] = self.decode_logits(encoded.latents)
-            reconstruction = self.logits_to_pixels(encoded.extras["proxy_logits"])
+            reconstruction = self.logits_to_pixels(encoded.extras["proxy_logits"]) if pixels else None
         else:
             reconstruction = self.decode(encoded.latents)
         logs = {f"quantizer/{k}": v for k, v in aux.items() if k != "loss"}

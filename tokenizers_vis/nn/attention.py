@@ -40,7 +40,11 @@ def build_mask(kind: str, num_tokens: int, num_prefix: int = 0, device=None) -> 
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with packed q, k, v (in that order) and optional QK-norm."""
+    """Multi-head self-attention with packed q, k, v (in that order) and optional QK-norm.
+
+    qk_norm_affine: False gives QK-norm LayerNorms without weight and bias (FlexTok).
+    scale: softmax scale; None is SDPA's 1/sqrt(head_dim) (FlexTok uses the muP 8/head_dim).
+    """
 
     def __init__(
         self,
@@ -51,6 +55,7 @@ class Attention(nn.Module):
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
         scale: float | None = None,
+        qk_norm_affine: bool = True,
     ):
         super().__init__()
         if dim % num_heads:
@@ -60,8 +65,9 @@ class Attention(nn.Module):
         self.scale = scale  # None: SDPA's default 1/sqrt(head_dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        norm = lambda: nn.LayerNorm(self.head_dim, eps=norm_eps, elementwise_affine=qk_norm_affine)  # noqa: E731
+        self.q_norm = norm() if qk_norm else nn.Identity()
+        self.k_norm = norm() if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape

@@ -9,6 +9,7 @@ wrong codes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -172,10 +173,53 @@ class DiagonalGaussian(Quantizer):
             return latents, None, aux
 
 
-def build_quantizer(kind: str, dim: int, **kwargs) -> Quantizer:
-    """"vq" -> VectorQuantizer(codebook_size, dim, ...); "vae" -> DiagonalGaussian(dim, ...)."""
+class FiniteScalarQuantizer(Quantizer):
+    """FSQ (Mentzer et al., 2023) through vector-quantize-pytorch: each of the len(levels) channels
+    is bounded by tanh and rounded to one of `levels[i]` values in [-1, 1] (straight-through);
+    the id is the mixed-radix number of the per-channel levels, so codebook_size = prod(levels).
+
+    The library's bound, rounding and id basis are the ones of the released FlexTok, so its ids
+    come out unchanged. No loss: aux["loss"] is 0.
+    """
+
+    def __init__(self, levels: Sequence[int]):
+        super().__init__()
+        from vector_quantize_pytorch import FSQ
+
+        self.levels = [int(level) for level in levels]
+        self.dim = len(self.levels)
+        # Its buffers are computed from the levels with `.item()`: build on the CPU even under a meta
+        # device context (shape-only models of the released sizes); `.to()` moves them later.
+        with torch.device("cpu"):
+            self.fsq = FSQ(self.levels)
+        self.codebook_size = int(self.fsq.codebook_size)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        with float32():
+            return self.fsq.indices_to_codes(ids.long())
+
+    def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """Inverse of `embed` for values on the grid."""
+        with float32():
+            return self.fsq.codes_to_indices(codes.float()).long()
+
+    def forward(self, z: torch.Tensor):
+        with float32():
+            shape = z.shape
+            z_q, ids = self.fsq(z.float().reshape(-1, 1, self.dim))
+            return z_q.reshape(shape), ids.long().reshape(shape[:-1]), {"loss": z_q.new_zeros(())}
+
+
+def build_quantizer(kind: str, dim: int | None = None, **kwargs) -> Quantizer:
+    """"vq" -> VectorQuantizer(codebook_size, dim, ...); "vae" -> DiagonalGaussian(dim, ...);
+    "fsq" -> FiniteScalarQuantizer(levels) (its width is len(levels))."""
     if kind == "vq":
         return VectorQuantizer(dim=dim, **kwargs)
     if kind == "vae":
         return DiagonalGaussian(channels=dim, **kwargs)
-    raise ValueError(f"unknown quantizer {kind!r}; expected 'vq' or 'vae'")
+    if kind == "fsq":
+        quantizer = FiniteScalarQuantizer(**kwargs)
+        if dim is not None and dim != quantizer.dim:
+            raise ValueError(f"FSQ levels {quantizer.levels} give {quantizer.dim} channels, not {dim}")
+        return quantizer
+    raise ValueError(f"unknown quantizer {kind!r}; expected 'vq', 'vae' or 'fsq'")

@@ -1,0 +1,425 @@
+"""FlexTok: "Resampling Images into 1D Token Sequences of Flexible Length" (Bachmann et al., 2025).
+
+An image becomes 1 to N ordered discrete tokens:
+- a frozen VAE maps it to latents (or, with `vae=None`, the model works on pixel patches);
+- the encoder reads [latent patches + 2-D sin-cos position, N learned registers] under the
+  prefix-causal mask (patches see patches; register i sees all patches and registers <= i) and
+  projects the registers to the FSQ [8, 8, 8, 5, 5, 5] codes;
+- nested dropout keeps the first k registers and replaces the rest by one learned mask token, so
+  every prefix must describe the image on its own (coarse to fine);
+- the decoder is a rectified-flow transformer over [noised latent patches, registers] with
+  adaLN-zero time modulation (one set for patches, one for registers) that predicts the velocity;
+  the registers are replaced by a learned null condition for classifier-free guidance.
+
+Blocks follow the released model: pre-norm without affine, QK-norm, SwiGLU, no biases, attention
+scale 8/head_dim (muP). Parameter names are ours; `tokenizers_vis.models.flextok_official` maps
+the released checkpoints onto them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from tokenizers_vis.models.base import Encoded, ModelOutput, Tokenizer, register_tokenizer
+from tokenizers_vis.nn.attention import prefix_causal_mask
+from tokenizers_vis.nn.diffusion import (
+    denoised_estimate,
+    euler_sample,
+    logit_normal_timesteps,
+    noised,
+    velocity_target,
+)
+from tokenizers_vis.nn.quantizers import build_quantizer
+from tokenizers_vis.nn.transformer import PatchEmbed, Transformer, init_vit_weights, sincos_2d_position_embedding
+
+NESTED_DROPOUT_MODES = ("none", "uniform", "pow2", "uniform_pow2")
+
+
+def flextok_block_kwargs(width: int, heads: int, mlp_ratio: float, attention_scale: float | None,
+                         norm_eps: float) -> dict[str, Any]:
+    """Options of the shared `TransformerBlock` that give the FlexTok block."""
+    head_dim = width // heads
+    return {
+        "mlp_kind": "swiglu",
+        # SwiGLU keeps the parameter count of a GELU MLP of ratio r with hidden width 2/3 * r * D.
+        "mlp_hidden_dim": int(2 * int(width * mlp_ratio) / 3),
+        "bias": False,
+        "qk_norm": True,
+        "norm_affine": False,
+        "norm_eps": norm_eps,
+        "attn_scale": attention_scale if attention_scale is not None else 8.0 / head_dim,
+    }
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoidal features of t * time_scale -> MLP.
+
+    Frequencies time_scale * max_period**(-k / half), cos first: the released FlexTok's choice
+    (time_scale 1000, max_period 256, 256 features).
+    """
+
+    def __init__(self, dim: int, frequency_dim: int = 256, max_period: float = 256.0, time_scale: float = 1000.0):
+        super().__init__()
+        half = frequency_dim // 2
+        freqs = time_scale * torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = t.float()[:, None] * self.freqs[None]
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+class FlexTokEncoder(nn.Module):
+    def __init__(self, in_channels: int, patch_size: int, grid_size: int, num_registers: int, width: int,
+                 depth: int, heads: int, token_dim: int, block_kwargs: Mapping[str, Any]):
+        super().__init__()
+        self.num_registers = num_registers
+        self.patch_embed = PatchEmbed(patch_size, in_channels, width)
+        self.register_buffer("pos_embed", sincos_2d_position_embedding(grid_size, width), persistent=False)
+        # Small registers: at the ViT init the image-dependent part of their outputs is small, and
+        # with larger registers (std width**-0.5) every image got the same ids at the start.
+        self.registers = nn.Parameter(torch.randn(num_registers, width) * 0.02)
+        self.transformer = Transformer(width, depth, heads, **block_kwargs)
+        self.norm = nn.LayerNorm(width, eps=block_kwargs["norm_eps"], elementwise_affine=False)
+        self.head = nn.Linear(width, token_dim)
+        mask = prefix_causal_mask(grid_size**2, num_registers)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(latents) + self.pos_embed
+        x = torch.cat([x, self.registers.expand(x.shape[0], -1, -1)], dim=1)
+        x = self.transformer(x, self.mask)
+        return self.head(self.norm(x[:, -self.num_registers:]))
+
+
+class ModulatedPatchHead(nn.Module):
+    """DiT final layer: LayerNorm, time shift / scale, Linear to patch values, unpatchify."""
+
+    def __init__(self, width: int, patch_size: int, out_channels: int, norm_eps: float):
+        super().__init__()
+        self.patch_size = patch_size
+        self.norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
+        self.modulation = nn.Linear(width, 2 * width)
+        # Output order (p q c) per token, the layout of the released head.
+        self.proj = nn.Linear(width, patch_size * patch_size * out_channels)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, grid_size: int) -> torch.Tensor:
+        shift, scale = self.modulation(F.silu(cond)).chunk(2, dim=-1)
+        x = self.proj(self.norm(x) * (1 + scale[:, None]) + shift[:, None])
+        p = self.patch_size
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=grid_size, w=grid_size, p=p, q=p)
+
+
+class FlexTokDecoder(nn.Module):
+    def __init__(self, in_channels: int, patch_size: int, grid_size: int, num_registers: int, width: int,
+                 depth: int, heads: int, token_dim: int, block_kwargs: Mapping[str, Any]):
+        super().__init__()
+        self.grid_size = grid_size
+        self.num_registers = num_registers
+        self.token_embed = nn.Linear(token_dim, width)
+        self.register_pos_embed = nn.Parameter(torch.randn(num_registers, width) * 0.02)
+        self.mask_token = nn.Parameter(torch.randn(width) * 0.02)
+        self.null_condition = nn.Parameter(torch.randn(width) * 0.02)
+        self.patch_embed = PatchEmbed(patch_size, in_channels, width)
+        self.register_buffer("pos_embed", sincos_2d_position_embedding(grid_size, width), persistent=False)
+        self.time_embed = TimestepEmbedder(width)
+        # Two modulation groups: patch tokens (0) and registers (1).
+        self.transformer = Transformer(width, depth, heads, modulation_dim=width, modulation_groups=2, **block_kwargs)
+        groups = torch.cat([torch.zeros(grid_size**2, dtype=torch.long), torch.ones(num_registers, dtype=torch.long)])
+        self.register_buffer("groups", groups, persistent=False)
+        self.head = ModulatedPatchHead(width, patch_size, in_channels, block_kwargs["norm_eps"])
+
+    def condition(self, codes: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The register tokens from the codes (B, N, token_dim): embedded, + position, positions >= keep[b]
+        replaced by the mask token (nested dropout), all of them by the null condition where drop[b]."""
+        x = self.token_embed(codes) + self.register_pos_embed
+        positions = torch.arange(self.num_registers, device=x.device)
+        x = torch.where((positions[None, :] >= keep[:, None])[..., None], self.mask_token.to(x), x)
+        if drop is not None:
+            x = torch.where(drop[:, None, None], self.null_condition.to(x), x)
+        return x
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, registers: torch.Tensor, layer: int | None = None):
+        """(velocity, patch-token hidden states after block `layer` or None)."""
+        patches = self.patch_embed(x_t) + self.pos_embed
+        n = patches.shape[1]
+        temb = self.time_embed(t)
+        x, hidden = self.transformer.forward_with_layer(torch.cat([patches, registers], dim=1), None, temb,
+                                                        self.groups, layer)
+        velocity = self.head(x[:, :n], temb, self.grid_size)
+        return velocity, (hidden[:, :n] if hidden is not None else None)
+
+
+@dataclass
+class FlowStep:
+    """One training pass: the decoder's velocity and everything the objective may need."""
+
+    velocity: torch.Tensor
+    target: torch.Tensor
+    x_t: torch.Tensor
+    t: torch.Tensor
+    keep: torch.Tensor
+    encoded: Encoded
+    hidden: torch.Tensor | None = None
+
+
+@register_tokenizer
+class FlexTok(Tokenizer):
+    """FlexTok tokenizer; `decode(ids, num_tokens=k)` for any k in 1..num_registers.
+
+    vae: None (pixel patches, images mapped to [-1, 1]) or the arguments of
+        `tokenizers_vis.nn.pretrained.FrozenVAE` ({pretrained, config, scaling_factor, subfolder}).
+    patch_size: patch side on the VAE latent (2 released) or on pixels when `vae` is None.
+    num_registers: tokens per image (256 released); levels: FSQ levels (6 channels released).
+    attention_scale: None is the released muP scale 8 / head_dim.
+    nested_dropout: how training samples the kept k: "uniform" over 1..N, "pow2" over the powers of
+        two up to N (and N), "uniform_pow2" uniform rounded up to a power of two, or "none".
+    cond_dropout: probability that training replaces all registers by the null condition (CFG).
+    t_mean, t_std: logit-normal training timesteps. sample_posterior: train on VAE samples.
+    sample_steps, guidance_scale, apg, sample_seed: `decode` defaults (the seed makes a default
+        decode deterministic).
+    repa_layer / repa_dim / repa_hidden: REPA (optional): the decoder's patch tokens after block
+        `repa_layer` go through an MLP projector to `repa_dim` features; the objective aligns them
+        with a frozen vision encoder.
+    """
+
+    model_type = "flextok"
+
+    def __init__(
+        self,
+        image_size: int = 256,
+        vae: Mapping[str, Any] | None = None,
+        patch_size: int = 2,
+        num_registers: int = 256,
+        encoder_width: int = 768,
+        encoder_depth: int = 12,
+        encoder_heads: int = 12,
+        decoder_width: int = 768,
+        decoder_depth: int = 12,
+        decoder_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        levels: Sequence[int] = (8, 8, 8, 5, 5, 5),
+        attention_scale: float | None = None,
+        norm_eps: float = 1e-5,
+        nested_dropout: str = "pow2",
+        cond_dropout: float = 0.1,
+        t_mean: float = 0.0,
+        t_std: float = 1.0,
+        sample_posterior: bool = True,
+        sample_steps: int = 20,
+        guidance_scale: float = 7.5,
+        apg: bool = False,
+        sample_seed: int = 0,
+        repa_layer: int | None = None,
+        repa_dim: int = 1024,
+        repa_hidden: int = 2048,
+    ):
+        super().__init__()
+        if nested_dropout not in NESTED_DROPOUT_MODES:
+            raise ValueError(f"nested_dropout must be one of {NESTED_DROPOUT_MODES}, got {nested_dropout!r}")
+        if repa_layer is not None and not 0 <= repa_layer < decoder_depth:
+            raise ValueError(f"repa_layer={repa_layer} is not a decoder block (0..{decoder_depth - 1})")
+        self.image_size = image_size
+        self.num_tokens = num_registers
+        self.nested_dropout = nested_dropout
+        self.cond_dropout = cond_dropout
+        self.t_mean, self.t_std = t_mean, t_std
+        self.sample_posterior = sample_posterior
+        self.sample_steps, self.guidance_scale = sample_steps, guidance_scale
+        self.apg, self.sample_seed = apg, sample_seed
+        self.repa_layer = repa_layer
+
+        if vae is not None:
+            from tokenizers_vis.nn.pretrained import FrozenVAE
+
+            self.vae = FrozenVAE(**dict(vae))
+            channels, downsample = self.vae.latent_channels, self.vae.downsample
+        else:
+            self.vae = None
+            channels, downsample = 3, 1
+        if image_size % (downsample * patch_size):
+            raise ValueError(f"image_size {image_size} must be divisible by {downsample * patch_size} "
+                             f"(VAE downsampling {downsample} x patch_size {patch_size})")
+        self.latent_channels = channels
+        self.latent_size = image_size // downsample
+        grid = self.latent_size // patch_size
+
+        self.quantize = build_quantizer("fsq", levels=levels)
+        self.codebook_size = self.quantize.codebook_size
+        token_dim = self.quantize.dim
+        enc_kwargs = flextok_block_kwargs(encoder_width, encoder_heads, mlp_ratio, attention_scale, norm_eps)
+        dec_kwargs = flextok_block_kwargs(decoder_width, decoder_heads, mlp_ratio, attention_scale, norm_eps)
+        self.encoder = FlexTokEncoder(channels, patch_size, grid, num_registers, encoder_width, encoder_depth,
+                                      encoder_heads, token_dim, enc_kwargs)
+        self.decoder = FlexTokDecoder(channels, patch_size, grid, num_registers, decoder_width, decoder_depth,
+                                      decoder_heads, token_dim, dec_kwargs)
+        self.repa_projector = None
+        if repa_layer is not None:
+            self.repa_projector = nn.Sequential(nn.Linear(decoder_width, repa_hidden), nn.SiLU(),
+                                                nn.Linear(repa_hidden, repa_hidden), nn.SiLU(),
+                                                nn.Linear(repa_hidden, repa_dim))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for part in (self.encoder, self.decoder, self.repa_projector):
+            if part is not None:
+                init_vit_weights(part)
+        # Encoder outputs of unit scale spread over the FSQ grid from the start; at the ViT std (0.02)
+        # every register would round to the same code and carry nothing to the decoder.
+        nn.init.xavier_uniform_(self.encoder.head.weight)
+        # adaLN-zero: modulations and the output head start at zero, so each block starts as the identity.
+        zero = [self.decoder.head.modulation, self.decoder.head.proj]
+        zero += [block.modulation for block in self.decoder.transformer.blocks]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def no_weight_decay_names(self) -> set[str]:
+        return {"encoder.registers", "decoder.register_pos_embed"}
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.encoder.transformer.gradient_checkpointing = enabled
+        self.decoder.transformer.gradient_checkpointing = enabled
+
+    # -- images <-> latents ------------------------------------------------------------------------
+    def to_latents(self, images: torch.Tensor, vae_noise: torch.Tensor | None = None) -> torch.Tensor:
+        x = images * 2 - 1
+        if self.vae is None:
+            if vae_noise is not None:
+                raise ValueError("vae_noise given, but this FlexTok has no VAE (vae: null)")
+            return x
+        with torch.no_grad():
+            return self.vae.encode(x, vae_noise)
+
+    def to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        x = latents if self.vae is None else self.vae.decode(latents)
+        return (x + 1) / 2
+
+    # -- tokenize / detokenize -------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor, vae_noise: torch.Tensor | None = None) -> Encoded:
+        """ids (B, N) and their FSQ codes (B, N, 6). The VAE posterior mean, or mean + std * vae_noise."""
+        self.check_images(images)
+        z = self.encoder(self.to_latents(images, vae_noise))
+        codes, ids, _ = self.quantize(z)
+        return Encoded(ids=ids, latents=codes)
+
+    def _ids_and_k(self, encoded: Encoded | torch.Tensor, num_tokens: int | None) -> tuple[torch.Tensor, int]:
+        ids = encoded.ids if isinstance(encoded, Encoded) else encoded
+        if ids is None:
+            raise ValueError("FlexTok decodes token ids; the Encoded holds none")
+        self.check_ids(ids)
+        given, full = ids.shape[1], self.num_tokens
+        k = given if num_tokens is None else int(num_tokens)
+        if not 1 <= k <= full:
+            raise ValueError(f"num_tokens must lie in 1..{full}, got {k}")
+        if given > full or k > given:
+            raise ValueError(f"num_tokens={k} needs at least {k} and at most {full} ids per image, got {given}")
+        # Ids past k are never read (the mask token replaces them); pad with id 0 as the official code.
+        return F.pad(ids[:, :k], (0, full - k)), k
+
+    def initial_noise(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """x(t=1): one draw of (1, C, h, w) per image, in order (the official order); seeded by
+        `sample_seed` when no generator is given."""
+        if generator is None:
+            generator = torch.Generator().manual_seed(self.sample_seed)
+        shape = (1, self.latent_channels, self.latent_size, self.latent_size)
+        draws = [torch.randn(shape, generator=generator, device=generator.device) for _ in range(batch)]
+        return torch.cat(draws).to(device)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        encoded: Encoded | torch.Tensor,
+        num_tokens: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        apg: bool | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Images in [0, 1] (not clamped) from the first `num_tokens` ids (default: all given).
+
+        steps / guidance / apg default to the config's sample_steps / guidance_scale / apg; `noise`
+        injects x(t=1) (B, C, h, w); otherwise it is drawn from `generator` (default: seeded).
+        """
+        return self.to_images(self.sample_latents(encoded, num_tokens, steps, guidance, apg, noise, generator))
+
+    @torch.no_grad()
+    def sample_latents(self, encoded, num_tokens=None, steps=None, guidance=None, apg=None, noise=None,
+                       generator=None) -> torch.Tensor:
+        """`decode` without the last step: the flow's output x(t=0) (VAE latents, or [-1, 1] pixels)."""
+        ids, k = self._ids_and_k(encoded, num_tokens)
+        b, device = ids.shape[0], ids.device
+        steps = self.sample_steps if steps is None else int(steps)
+        guidance = self.guidance_scale if guidance is None else float(guidance)
+        apg = self.apg if apg is None else bool(apg)
+        if noise is None:
+            noise = self.initial_noise(b, generator, device)
+        expected = (b, self.latent_channels, self.latent_size, self.latent_size)
+        if tuple(noise.shape) != expected:
+            raise ValueError(f"noise must have shape {expected}, got {tuple(noise.shape)}")
+        codes = self.quantize.embed(ids)
+        keep = torch.full((b,), k, device=device)
+        cond = self.decoder.condition(codes, keep)
+        uncond = self.decoder.condition(codes, keep, torch.ones(b, dtype=torch.bool, device=device))
+        return euler_sample(
+            lambda x, t: self.decoder(x, t, cond)[0], noise.to(device, cond.dtype), steps, guidance,
+            lambda x, t: self.decoder(x, t, uncond)[0], apg=apg,
+        )
+
+    # -- training --------------------------------------------------------------------------------------
+    def sample_keep(self, batch: int, device=None) -> torch.Tensor:
+        """k per example for nested dropout (see `nested_dropout`)."""
+        n = self.num_tokens
+        if self.nested_dropout == "none":
+            return torch.full((batch,), n, device=device)
+        if self.nested_dropout == "pow2":
+            choices = sorted({2**i for i in range(int(math.log2(n)) + 1)} | {n})
+            return torch.tensor(choices, device=device)[torch.randint(len(choices), (batch,), device=device)]
+        k = torch.randint(1, n + 1, (batch,), device=device)
+        if self.nested_dropout == "uniform_pow2":
+            k = (2 ** torch.ceil(torch.log2(k.float()))).long().clamp(max=n)
+        return k
+
+    def flow_step(self, images: torch.Tensor) -> FlowStep:
+        """One rectified-flow training pass with nested dropout and condition dropout."""
+        self.check_images(images)
+        b = images.shape[0]
+        vae_noise = None
+        if self.vae is not None and self.sample_posterior and self.training:
+            shape = (b, self.latent_channels, self.latent_size, self.latent_size)
+            vae_noise = torch.randn(shape, device=images.device)
+        x0 = self.to_latents(images, vae_noise)
+        codes, ids, _ = self.quantize(self.encoder(x0))
+        keep = self.sample_keep(b, images.device)
+        drop = torch.rand(b, device=images.device) < self.cond_dropout if self.training else None
+        cond = self.decoder.condition(codes, keep, drop)
+        t = logit_normal_timesteps(b, self.t_mean, self.t_std, device=images.device)
+        noise = torch.randn_like(x0)
+        x_t = noised(x0, noise, t)
+        velocity, hidden = self.decoder(x_t, t, cond, self.repa_layer)
+        if hidden is not None:
+            hidden = self.repa_projector(hidden)
+        return FlowStep(velocity=velocity, target=velocity_target(x0, noise), x_t=x_t, t=t, keep=keep,
+                        encoded=Encoded(ids=ids, latents=codes), hidden=hidden)
+
+    def output_from(self, step: FlowStep) -> ModelOutput:
+        """ModelOutput of a flow step: aux_loss is the flow MSE; the reconstruction is the cheap
+        one-step estimate x_t - t * v (for logging; no gradient)."""
+        loss = F.mse_loss(step.velocity.float(), step.target.float())
+        with torch.no_grad():
+            reconstruction = self.to_images(denoised_estimate(step.x_t, step.velocity.detach(), step.t))
+        logs = {"loss/flow": loss.detach(), "flow/keep_k_mean": step.keep.float().mean()}
+        return ModelOutput(reconstruction=reconstruction, aux_loss=loss, logs=logs, encoded=step.encoded)
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        return self.output_from(self.flow_step(images))
