@@ -6,10 +6,14 @@
     python train.py experiment=demo hydra.run.dir=outputs/demo ckpt_path=last   # resume
 
 Composes `conf/train.yaml`, then fits, validates the final EMA weights and writes
-`<run>/summary.json` (see tokenizers_vis/training/run.py).
+`<run>/summary.json` (see tokenizers_vis/training/run.py). On SIGTERM / SIGUSR1 it saves
+`<run>/checkpoints/last.ckpt` and exits with 128 + the signal number (143, 138), the shell's
+code for "stopped by a signal", so a retry loop or scheduler knows to resume it.
 """
 
 import json
+import signal
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -24,6 +28,8 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     summary = run_training(cfg)
     print(json.dumps(summary, indent=2))
+    if "preempted" in summary:
+        sys.exit(128 + signal.Signals[summary["preempted"]])
 
 
 if __name__ == "__main__":

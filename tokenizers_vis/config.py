@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import netrc
 import os
-from pathlib import Path
+import types
+import typing
+from collections import abc
+from pathlib import Path, PurePath
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 
 def wandb_offline() -> bool:
@@ -26,24 +33,211 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("tv.wandb_offline", wandb_offline)
 
 
+_ABSENT = object()  # "no such key" for OmegaConf.select, where null is a value
+
+
+def _apply_stage(cfg: DictConfig, check_required: bool) -> DictConfig | None:
+    """Merge the delta of `model.stage` from `model.stages` into the model config, drop both keys,
+    check the delta's `required` keys, and return the delta's `smoke` block."""
+    stages, stage = cfg.model.pop("stages"), str(cfg.model.pop("stage", None))
+    if stage not in stages:
+        raise ValueError(f"model.stage={stage} is not a stage of this recipe; choose one of {', '.join(stages)}")
+    delta = stages[stage]
+    with open_dict(delta):
+        stage_smoke, required = delta.pop("smoke", None), delta.pop("required", None) or {}
+    cfg.model = OmegaConf.merge(cfg.model, delta)
+    for key, what in required.items() if check_required else ():
+        if OmegaConf.select(cfg.model, key) is None:
+            # Keys the delta defines exist on the command line only under model.stages.<stage>.
+            in_delta = OmegaConf.select(delta, key, default=_ABSENT) is not _ABSENT
+            name = f"model.stages.{stage}.{key}" if in_delta else f"model.{key}"
+            raise ValueError(f"{name} is not set: stage {stage} of this recipe needs {what}. Set it on the "
+                             f"command line ({name}=...); only debug=smoke runs without it")
+    return stage_smoke
+
+
 def prepare_config(cfg: DictConfig) -> DictConfig:
-    """Apply `smoke` (merge the model config's `smoke` block) and drop that block."""
+    """Select the model's training stage, apply `smoke`, and drop the blocks that did it.
+
+    Multi-stage recipes (TiTok's two stages) hold one delta over the model config per stage under
+    `model.stages."<N>"` and pick one with `model.stage`. The delta is merged in here, after the
+    command line, so stage-specific keys are overridden as `model.stages.<N>.<key>=...`. A delta
+    may hold `smoke` (merged after the model's own `smoke` block) and `required`, {key: what it
+    is}: keys that must not be null, except under smoke, which runs from no pretrained files.
+    """
     with open_dict(cfg):
         smoke = cfg.model.pop("smoke", None)
+        stage_smoke = _apply_stage(cfg, check_required=not cfg.get("smoke")) if "stages" in cfg.model else None
         if cfg.get("smoke"):
             if smoke is None:
                 raise ValueError("debug=smoke needs a `smoke` block in the model config (tiny sizes)")
-            cfg.model = OmegaConf.merge(cfg.model, smoke)
+            cfg.model = OmegaConf.merge(cfg.model, smoke, stage_smoke or {})
     return cfg
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """"last" -> <run>/checkpoints/last.ckpt when it exists (a fresh start otherwise)."""
+    """"last" -> the newest complete checkpoint in <run>/checkpoints (a fresh start when there is
+    none; see `find_resume_checkpoint`); a path must exist."""
+    from tokenizers_vis.training.checkpoint import find_resume_checkpoint
+
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        found = find_resume_checkpoint(run_dir / "checkpoints")
+        return str(found) if found is not None else None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
     return str(ckpt_path)
+
+
+# -- checking a composed config before anything is built ----------------------------------------
+_INSTANTIATE_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+_UNREADABLE = object()
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot work; the message names every offending key."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check every node with a `_target_` against the signature of what it builds: each key must
+    be a parameter (unless the target takes **kwargs), required parameters must be set, and
+    values must fit simple annotations (int, float, bool, str, Literal, lists, dicts, unions of
+    them; other annotations are not checked). Hydra rejects unknown keys on the command line
+    already; this catches them in experiment files (and `+key=` overrides) and catches wrong
+    types (`trainer.max_steps=abc`) before a run spends minutes building models and data.
+    Raises ConfigError listing every problem with its full key."""
+    problems: list[str] = []
+    _check_node(cfg, "", problems)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _child(node: DictConfig | ListConfig, key: Any) -> Any:
+    try:
+        return node[key]
+    except Exception:  # an interpolation that only resolves later (e.g. inside Hydra's run)
+        return _UNREADABLE
+
+
+def _check_node(node: Any, path: str, problems: list[str]) -> None:
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            _check_target(node, path, problems)
+        for key in node.keys():
+            if path == "" and key == "hydra":
+                continue
+            if not OmegaConf.is_missing(node, key):
+                _check_node(_child(node, key), f"{path}.{key}" if path else str(key), problems)
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            _check_node(_child(node, i), f"{path}[{i}]", problems)
+
+
+def _signature(target: Any) -> tuple[dict[str, tuple[Any, inspect.Parameter]], bool] | None:
+    """({name: (function it belongs to, parameter)}, whether the target takes any other keyword).
+    For a class taking **kwargs, its base classes' parameters are added (for their annotations:
+    most such classes pass kwargs on to their base; whether that is all, cannot be known)."""
+    classes = [c for c in target.__mro__ if c is not object] if inspect.isclass(target) else [target]
+    params: dict[str, tuple[Any, inspect.Parameter]] = {}
+    takes_kwargs = None
+    for owner in classes:
+        try:
+            signature = inspect.signature(owner)
+        except (TypeError, ValueError):
+            return None
+        forwards = False
+        for name, param in signature.parameters.items():
+            if param.kind == param.VAR_KEYWORD:
+                forwards = True
+            elif param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                params.setdefault(name, (owner, param))
+        takes_kwargs = forwards if takes_kwargs is None else takes_kwargs
+        if not forwards:
+            break
+    return params, bool(takes_kwargs)
+
+
+def _annotation(target: Any, param: inspect.Parameter) -> Any:
+    """The parameter's annotation as an object (string annotations are evaluated), or None."""
+    annotation = param.annotation
+    if annotation is inspect.Parameter.empty:
+        return None
+    if not isinstance(annotation, str):
+        return annotation
+    function = inspect.unwrap(target.__init__ if inspect.isclass(target) else target)
+    try:
+        return eval(annotation, getattr(function, "__globals__", {}))  # noqa: S307 (annotations of our own imports)
+    except Exception:
+        return None
+
+
+def _check_target(node: DictConfig, path: str, problems: list[str]) -> None:
+    name = node.get("_target_")
+    try:
+        target = hydra.utils.get_object(name)
+    except Exception as err:
+        problems.append(f"{path}._target_={name}: cannot be imported ({err})")
+        return
+    found = _signature(target)
+    if found is None:
+        return
+    named, takes_kwargs = found
+    present = set(map(str, node.keys()))  # includes ??? keys, which `in node` does not
+    for key in sorted(present - _INSTANTIATE_KEYS):
+        full = f"{path}.{key}" if path else key
+        if key not in named:
+            if not takes_kwargs:
+                close = difflib.get_close_matches(key, list(named), n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                problems.append(f"{full}: unknown key, {name} takes no parameter {key!r}{hint}")
+            continue
+        if OmegaConf.is_missing(node, key):
+            problems.append(f"{full}: must be set (it is ???)")
+            continue
+        value = _child(node, key)
+        if value is _UNREADABLE or (isinstance(value, DictConfig) and "_target_" in value):
+            continue
+        annotation = _annotation(*named[key])
+        if annotation is not None and not _fits(value, annotation):
+            problems.append(f"{full}={value!r}: wrong type, {name} expects {_type_name(annotation)}")
+    if not node.get("_partial_", False) and "_args_" not in node:
+        # Only the target's own required parameters: a subclass may fill its bases' itself.
+        own = target if not inspect.isclass(target) else target.__mro__[0]
+        for key, (owner, param) in named.items():
+            if owner is own and param.default is param.empty and key not in present:
+                problems.append(f"{path}.{key}: missing, {name} requires it")
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether `value` fits `annotation`; True for annotations not checked here. null always fits
+    (whether a parameter takes None is its own business)."""
+    if value is None or annotation in (Any, object):
+        return True
+    if annotation is type(None):
+        return False
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str or (inspect.isclass(annotation) and issubclass(annotation, (PurePath, os.PathLike))):
+        return isinstance(value, str)
+    base = origin or annotation
+    if base in (list, tuple, set, frozenset, abc.MutableSequence):
+        return isinstance(value, (ListConfig, list, tuple))
+    if base in (abc.Sequence, abc.Iterable, abc.Collection):
+        return isinstance(value, (ListConfig, list, tuple, str))
+    if base in (dict, abc.Mapping, abc.MutableMapping):
+        return isinstance(value, (DictConfig, dict))
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")

@@ -52,18 +52,66 @@ def test_loaders_outside_a_trainer(shard_dir):
     assert dm.skip_counter.skipped == 0
 
 
-def test_state_dict_moves_a_resumed_stream_on(shard_dir):
-    dm = make_dm(shard_dir)
+def _corrupt_shards(tmp_path):
+    samples = make_samples()
+    samples.insert(2, {"__key__": "garbage", "png": b"not a png"})
+    write_shards(samples, tmp_path / "bad", "train", 4)
+    return tmp_path / "bad"
+
+
+@pytest.mark.filterwarnings("ignore::tokenizers_vis.data.pipeline.CorruptSampleWarning")
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_state_dict_resumes_the_train_stream_exactly(tmp_path, num_workers):
+    shards = _corrupt_shards(tmp_path)
+    dm = make_dm(shards, num_workers=num_workers, batch_size=3)
     dm.setup("fit")
-    first = next(iter(dm.train_dataloader()))
+    it = iter(dm.train_dataloader())
+    for _ in range(5):  # what Lightning does with each batch a training step takes
+        dm.on_before_batch_transfer(next(it), 0)
     state = dm.state_dict()
-    assert state == {"train_epoch": 1}
-    resumed = make_dm(shard_dir)
+    # Prefetched batches that no step took are not part of the position.
+    later = [next(it) for _ in range(4)]
+    assert state["epoch"] == 1 and state["consumed_batches"] == 5
+    assert state["num_workers"] == max(1, num_workers) and state["world_size"] == 1
+    assert len(state["positions"]) == 1 and state["skipped"][0] == dm.skipped_samples()["train"]
+
+    resumed = make_dm(shards, num_workers=num_workers, batch_size=3)
     resumed.load_state_dict(state)
     resumed.setup("fit")
-    after = next(iter(resumed.train_dataloader()))
-    assert resumed.state_dict() == {"train_epoch": 2}
-    assert after["key"] != first["key"] or not torch.equal(after["image"], first["image"])
+    again_it = iter(resumed.train_dataloader())
+    again = [resumed.on_before_batch_transfer(next(again_it), 0) for _ in range(4)]
+    for a, b in zip(again, later):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+    assert resumed.state_dict()["consumed_batches"] == 9
+    # The garbage sample is counted once over the whole run, resumed or not.
+    straight = make_dm(shards, num_workers=num_workers, batch_size=3)
+    straight_it = iter(straight.train_dataloader())
+    for _ in range(9):
+        straight.on_before_batch_transfer(next(straight_it), 0)
+    assert resumed.skipped_samples()["train"] == straight.skipped_samples()["train"] >= 1
+    assert resumed.state_dict()["positions"] == straight.state_dict()["positions"]
+
+
+def test_other_worker_count_starts_a_new_pass(shard_dir):
+    dm = make_dm(shard_dir, num_workers=0)
+    it = iter(dm.train_dataloader())
+    dm.on_before_batch_transfer(next(it), 0)
+    state = dm.state_dict()
+    other = make_dm(shard_dir, num_workers=2)
+    other.load_state_dict(state)
+    with pytest.warns(UserWarning, match="new pass"):
+        loader = other.train_dataloader()
+    assert next(iter(loader))["stream"].epoch == state["epoch"] + 1
+    # A checkpoint of the earlier format (epoch only) also starts the next pass.
+    old = make_dm(shard_dir)
+    old.load_state_dict({"train_epoch": 3})
+    assert next(iter(old.train_dataloader()))["stream"].epoch == 4
+
+
+def test_missing_train_shards_fail_in_check_sources(tmp_path, shard_dir):
+    dm = make_dm(shard_dir, train_shards=str(tmp_path / "nowhere" / "*.tar"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        dm.check_sources()
 
 
 class _Recorder(L.LightningModule):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tokenizers_vis.data import CorruptSampleWarning, SkipCounter, make_eval_loader, make_train_loader, write_shards
-from tokenizers_vis.data.pipeline import SkipTally, TrainStream
+from tokenizers_vis.data.pipeline import SkipTally, StreamResume, TrainStream
 
 from .conftest import NUM_IMAGES, SHARD_SIZE, make_samples, random_image
 
@@ -144,9 +144,53 @@ def test_train_with_workers_yields_distinct_worker_streams(shard_dir):
 def test_train_shards_split_by_rank_then_worker():
     urls = [f"s{i}.tar" for i in range(8)]
     tally = SkipTally()
-    shares = [
-        TrainStream(urls, RES, 2, tally, rank=r, world_size=2).own_shards(w, 2) for r in range(2) for w in range(2)
-    ]
-    assert sorted(sum(shares, [])) == sorted(urls) and all(len(s) == 2 for s in shares)
-    # Too few shards to split: every rank and worker resamples from all of them.
-    assert TrainStream(urls[:1], RES, 2, tally, rank=1, world_size=2).own_shards(1, 2) == urls[:1]
+    streams = [TrainStream(urls, RES, 2, tally, rank=r, world_size=2) for r in range(2)]
+    shares = [stream.own_share(w, 2) for stream in streams for w in range(2)]
+    assert sorted(sum((s for s, _, _ in shares), [])) == sorted(urls) and all(len(s) == 2 for s, _, _ in shares)
+    assert all((slot, slots) == (0, 1) for _, slot, slots in shares)
+    # Too few shards for every rank: each reads all of them and keeps every other sample.
+    assert TrainStream(urls[:1], RES, 2, tally, rank=1, world_size=2).own_share(1, 2) == (urls[:1], 3, 4)
+    # Enough for the ranks, not for the workers: shards by rank, samples by worker.
+    assert TrainStream(urls[:3], RES, 2, tally, rank=1, world_size=2).own_share(1, 2) == (["s1.tar"], 1, 2)
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_ranks_never_share_a_train_sample(tmp_path, num_shards):
+    write_shards(make_samples(), tmp_path, "train", -(-NUM_IMAGES // num_shards))
+    urls = sorted(str(p) for p in tmp_path.glob("train-*.tar"))
+    assert len(urls) == num_shards
+    seen = []
+    for rank in range(2):
+        it = iter(TrainStream(urls, RES, 2, SkipTally(), shuffle_buffer=4, rank=rank, world_size=2))
+        seen.append({key for _ in range(12) for key in next(it)["key"]})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert seen[0] | seen[1] <= {f"img{i:03d}" for i in range(NUM_IMAGES)}
+
+
+@pytest.mark.filterwarnings("ignore::tokenizers_vis.data.pipeline.CorruptSampleWarning")
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_stream_resumes_exactly_from_its_marks(tmp_path, num_workers):
+    samples = make_samples()
+    samples.insert(4, {"__key__": "garbage", "png": b"junk"})
+    write_shards(samples, tmp_path, "train", SHARD_SIZE)
+    shard = tmp_path / "train-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:-700])  # a truncated last shard
+
+    def loader():
+        return make_train_loader(str(tmp_path), RES, 3, num_workers=num_workers, shuffle_buffer=4, seed=1)
+
+    it = iter(loader())
+    batches = [next(it) for _ in range(10)]
+    marks = [b["stream"] for b in batches]
+    assert sum(m.skipped for m in marks) >= 1  # the garbage and the cut-off end, within these batches
+    consumed = 5
+    positions = [0] * max(1, num_workers)
+    for mark in marks[:consumed]:
+        positions[mark.worker] = mark.position
+    resumed = loader()
+    resumed.resume_at(marks[0].epoch, StreamResume(consumed, tuple(positions)))
+    again = iter(resumed)
+    for batch in batches[consumed:]:
+        other = next(again)
+        assert other["key"] == batch["key"] and torch.equal(other["image"], batch["image"])
+        assert other["stream"] == batch["stream"]

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch.distributed as dist
 
-from tokenizers_vis.data.pipeline import SkipCounter, make_eval_loader, make_train_loader
+from tokenizers_vis.data.pipeline import (
+    SkipCounter,
+    StreamMark,
+    StreamResume,
+    TrainLoader,
+    make_eval_loader,
+    make_train_loader,
+)
 from tokenizers_vis.data.shards import resolve_shards
 from tokenizers_vis.data.transforms import interpolation_mode
 
@@ -22,6 +30,35 @@ def distributed_rank(trainer: Any = None) -> tuple[int, int]:
     return 0, 1
 
 
+def gather_from_ranks(value: Any) -> list[Any]:
+    """`value` of every rank, in rank order (a one-element list outside torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+class TrainPosition:
+    """How far training got through the train stream: the pass (`epoch`), the batches it
+    consumed, the position each (virtual) worker reached, and the unreadable samples skipped
+    within consumed batches over the whole run. Updated from the `StreamMark` of each batch a
+    training step takes, so batches the loader prefetched but nobody used do not count."""
+
+    def __init__(self, num_workers: int, epoch: int = 0, skipped: int = 0):
+        self.epoch = epoch
+        self.consumed = 0
+        self.positions = [0] * num_workers
+        self.skipped = skipped
+
+    def record(self, mark: StreamMark) -> None:
+        if mark.epoch != self.epoch:  # a new pass starts from the top
+            self.epoch, self.consumed, self.positions = mark.epoch, 0, [0] * len(self.positions)
+        self.consumed += 1
+        self.positions[mark.worker] = mark.position
+        self.skipped += mark.skipped
+
+
 class ImageDataModule(L.LightningDataModule):
     """Images from webdataset shards, as {"image", "key", "label"} batches.
 
@@ -33,8 +70,15 @@ class ImageDataModule(L.LightningDataModule):
     so reduce metrics at epoch end, not per step). Both decode in `num_workers` workers.
 
     `skip_counter.skipped` counts samples dropped as unreadable (this process and its
-    workers). Its state_dict records the train epoch so a resumed run draws a fresh
-    stream rather than replaying the first one.
+    workers, including what they read ahead); `skipped_samples()` splits it into train samples
+    within the batches training used (exact, and kept across resumes) and eval samples.
+
+    Exact resume: `state_dict()` (saved in every Lightning checkpoint) holds the train
+    position of every rank (see `TrainPosition`); a resumed run with the same number of ranks
+    and workers continues the stream at the very next batch, skipping the samples already used
+    without decoding them. With a different number of ranks or workers it starts a new pass
+    (warning). Each rank takes from it its own part, so `state_dict` must be called on every
+    rank, as `Trainer.save_checkpoint` does.
     """
 
     def __init__(
@@ -65,10 +109,16 @@ class ImageDataModule(L.LightningDataModule):
         self.random_flip = random_flip
         self.interpolation = interpolation
         self.skip_counter = SkipCounter()
+        self.eval_skip_counter = self.skip_counter.child()
         self.train_urls: list[str] | None = None
         self.val_urls: list[str] | None = None
-        self._train_loader = None
-        self._resume_epoch = 0
+        self._train_loader: TrainLoader | None = None
+        self.position = TrainPosition(max(1, num_workers))
+        self._loaded_state: dict[str, Any] | None = None
+
+    def check_sources(self) -> None:
+        """Resolve the shard specs now, so a wrong path fails before anything is built."""
+        self.setup("fit")
 
     def setup(self, stage: str | None = None) -> None:
         # Resolve here so a wrong path fails before any worker starts.
@@ -84,6 +134,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_urls is None:
             self.setup("fit")
         rank, world_size = self._rank()
+        resume, epoch = self._resume_point(rank, world_size)
         self._train_loader = make_train_loader(
             self.train_urls,
             self.resolution,
@@ -96,9 +147,46 @@ class ImageDataModule(L.LightningDataModule):
             random_flip=self.random_flip,
             interpolation=self.interpolation,
             skip_counter=self.skip_counter,
-            start_epoch=self._resume_epoch,
+            start_epoch=epoch,
         )
+        if resume is not None:
+            self._train_loader.resume_at(epoch, resume)
         return self._train_loader
+
+    def _resume_point(self, rank: int, world_size: int) -> tuple[StreamResume | None, int]:
+        """(where to resume, epoch) from a loaded state: the exact position when this run has the
+        same ranks and workers, else None and the epoch after it (a fresh pass)."""
+        state, self._loaded_state = self._loaded_state, None
+        workers = max(1, self.num_workers)
+        if state is None:
+            self.position = TrainPosition(workers, self.position.epoch, self.position.skipped)
+            return None, self.position.epoch
+        epoch = int(state.get("epoch", state.get("train_epoch", 0)))
+        skipped = [int(n) for n in state.get("skipped", [])]
+        exact = state.get("world_size") == world_size and state.get("num_workers") == workers
+        if not exact:
+            if "positions" in state:
+                warnings.warn(
+                    f"the checkpoint's data position is for {state.get('world_size')} rank(s) x "
+                    f"{state.get('num_workers')} worker(s), this run has {world_size} x {workers}; "
+                    "starting a new pass over the train data instead of resuming it exactly", stacklevel=2)
+            self.position = TrainPosition(workers, epoch, sum(skipped) if rank == 0 else 0)
+            return None, epoch
+        self.position = TrainPosition(workers, epoch, skipped[rank])
+        self.position.consumed = int(state["consumed_batches"])
+        self.position.positions = [int(p) for p in state["positions"][rank]]
+        return StreamResume(self.position.consumed, tuple(self.position.positions)), epoch
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this for each batch a step is about to use: the place to count them.
+        if isinstance(batch, dict) and isinstance(batch.get("stream"), StreamMark):
+            self.position.record(batch.pop("stream"))
+        return batch
+
+    def skipped_samples(self) -> dict[str, int]:
+        """Unreadable samples skipped by this rank: train (within consumed batches, whole run) and
+        eval (every validation / test pass of this process)."""
+        return {"train": self.position.skipped, "eval": self.eval_skip_counter.skipped}
 
     def _eval_loader(self):
         if self.val_shards is None:
@@ -115,7 +203,7 @@ class ImageDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
             interpolation=self.interpolation,
-            skip_counter=self.skip_counter,
+            skip_counter=self.eval_skip_counter,
         )
 
     def val_dataloader(self):
@@ -125,11 +213,22 @@ class ImageDataModule(L.LightningDataModule):
         return self._eval_loader()
 
     def state_dict(self) -> dict[str, Any]:
-        epoch = self._train_loader.stream.epoch if self._train_loader is not None else self._resume_epoch
-        return {"train_epoch": epoch}
+        if self._loaded_state is not None:  # saved again before training resumed: keep it as loaded
+            return dict(self._loaded_state)
+        _, world_size = self._rank()
+        position = self.position
+        ranks = gather_from_ranks((position.positions, position.skipped))
+        return {
+            "epoch": position.epoch,
+            "consumed_batches": position.consumed,
+            "num_workers": len(position.positions),
+            "world_size": world_size,
+            "positions": [p for p, _ in ranks],
+            "skipped": [n for _, n in ranks],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_epoch = int(state_dict.get("train_epoch", 0))
+        self._loaded_state = dict(state_dict)
 
 
 class DemoDataModule(ImageDataModule):
@@ -141,6 +240,9 @@ class DemoDataModule(ImageDataModule):
         kwargs.setdefault("train_shards", f"{demo_dir}/train-*.tar")
         kwargs.setdefault("val_shards", f"{demo_dir}/val-*.tar")
         super().__init__(**kwargs)
+
+    def check_sources(self) -> None:
+        """Nothing to check early: `prepare_data` builds whatever demo shards are missing."""
 
     def prepare_data(self) -> None:
         try:

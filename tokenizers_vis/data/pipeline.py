@@ -3,29 +3,35 @@
 Two streams share the decode and collate steps:
 
 - `TrainStream`: infinite. Each (rank, worker) resamples shards from its own share of the
-  shard list, shuffles samples in a buffer, and applies resize + random crop + flip, all
-  driven by one RNG seeded from (seed, rank, worker, epoch).
+  data, shuffles samples in a buffer and applies resize + random crop + flip. The sample order
+  is a pure function of (seed, rank, worker, epoch) and each sample's augmentation of its
+  position in that order, so a stream can be resumed exactly from a count of samples
+  without decoding what it skips.
 - `EvalStream`: finite and deterministic. Samples are split across ranks and workers by
   running index, so every image is seen exactly once whatever the number of shards.
 
 Batches are dicts: {"image": float32 (B, 3, R, R) in [0, 1], "key": list[str],
-"label": int64 (B,), -1 where a sample has no class}.
+"label": int64 (B,), -1 where a sample has no class}; train batches also carry
+"stream": a `StreamMark` saying where in the stream they end.
 
 Unreadable samples are skipped, warned about, and counted by a `SkipCounter`.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import random
+import signal
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import count, islice
+from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.utils import make_seed
 
 from tokenizers_vis.data.shards import IMAGE_EXTENSIONS, resolve_shards
 from tokenizers_vis.data.transforms import decode_image, decode_label, eval_transform, train_transform
@@ -65,10 +71,17 @@ class SkipTally:
     def ok(self) -> None:
         self._consecutive = 0
 
-    def __call__(self, exn: Exception) -> bool:
+    @staticmethod
+    def _slot() -> int:
         info = get_worker_info()
-        slot = 0 if info is None else 1 + info.id % (_TALLY_SLOTS - 1)
-        self.counts[slot] += 1
+        return 0 if info is None else 1 + info.id % (_TALLY_SLOTS - 1)
+
+    def local_count(self) -> int:
+        """What this process (this worker) has counted so far."""
+        return int(self.counts[self._slot()])
+
+    def __call__(self, exn: Exception) -> bool:
+        self.counts[self._slot()] += 1
         self._consecutive += 1
         if self._consecutive >= self.max_consecutive:
             raise RuntimeError(
@@ -93,6 +106,7 @@ class SkipCounter:
 
     def __init__(self) -> None:
         self._tallies: list[SkipTally] = []
+        self._children: list[SkipCounter] = []
 
     def tally(self) -> SkipTally:
         """A new tally for one loader; it is included in `skipped` from now on."""
@@ -100,13 +114,21 @@ class SkipCounter:
         self._tallies.append(tally)
         return tally
 
+    def child(self) -> SkipCounter:
+        """A counter of its own (e.g. for the eval loaders) whose skips also count here."""
+        child = SkipCounter()
+        self._children.append(child)
+        return child
+
     @property
     def skipped(self) -> int:
-        return sum(t.skipped for t in self._tallies)
+        return sum(t.skipped for t in self._tallies) + sum(c.skipped for c in self._children)
 
     def reset(self) -> None:
         for t in self._tallies:
             t.counts.zero_()
+        for c in self._children:
+            c.reset()
 
     def __repr__(self) -> str:
         return f"SkipCounter(skipped={self.skipped})"
@@ -115,6 +137,64 @@ class SkipCounter:
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+_main_exiting: torch.Tensor | None = None
+
+
+def _main_exiting_flag() -> torch.Tensor:
+    """A flag in shared memory that this process sets when its interpreter exits."""
+    global _main_exiting
+    if _main_exiting is None:
+        _main_exiting = torch.zeros(1, dtype=torch.uint8).share_memory_()
+        # Registered after multiprocessing's own exit hook, so it runs before that hook
+        # terminates (SIGTERM) and joins the daemon worker processes.
+        atexit.register(_main_exiting.fill_, 1)
+    return _main_exiting
+
+
+class PreemptionShield:
+    """DataLoader `worker_init_fn` that makes workers outlive a cluster's SIGTERM / SIGUSR1.
+
+    A cluster signals every process of a job; the main process then checkpoints and stops,
+    shutting its workers down itself, but a worker killed first would crash it mid-step. So a
+    worker ignores these signals, except once its main process is exiting (then SIGTERM is
+    how multiprocessing stops leftover workers) or gone (PyTorch's watchdog ends it).
+    """
+
+    def __init__(self) -> None:
+        self.main_exiting = _main_exiting_flag()
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.main_exiting[0]:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+class StreamMark(NamedTuple):
+    """Where a train batch ends in its worker's stream: `position` samples of virtual worker
+    `worker`'s order (pass `epoch`) have been used, `skipped` of them since the previous
+    batch were unreadable. Recording the mark of every consumed batch is enough to resume.
+    (A NamedTuple passes unchanged through DataLoader and Lightning batch conversions.)"""
+
+    epoch: int
+    worker: int
+    position: int
+    skipped: int
+
+
+class StreamResume(NamedTuple):
+    """Where a pass resumes: `consumed` batches were used, `positions[v]` samples of virtual
+    worker v's order. DataLoader workers are read round-robin, so after `consumed` batches the
+    next one comes from virtual worker `consumed % num_workers`: physical worker w plays
+    virtual worker (w + consumed) % num_workers."""
+
+    consumed: int
+    positions: tuple[int, ...]
 
 
 def image_bytes(sample: dict) -> bytes:
@@ -161,11 +241,14 @@ class TrainStream(IterableDataset):
     """Infinite stream of training batches (batched inside each worker).
 
     Shards are split by rank, then by worker, when there are enough of them for each to
-    get at least one; otherwise every (rank, worker) resamples from all shards with its
-    own seed. Rank and world size are passed in rather than read inside the worker,
-    because a spawned worker process has no torch.distributed state.
-    `epoch` is advanced by `TrainLoader` on each pass, so a restarted iteration (a new
-    Lightning epoch, or a resumed run) draws a fresh stream instead of replaying one.
+    get one; otherwise the samples of each shard are dealt out by index (see `own_share`), so
+    ranks never share a sample. Rank and world size are passed in rather than read inside the
+    worker, because a spawned worker process has no torch.distributed state.
+
+    Worker v's sample order (shard draws + shuffle buffer) comes from one RNG seeded by
+    (seed, rank, v, epoch); sample i of that order is augmented with an RNG seeded by
+    (seed, rank, v, epoch, i). Resuming at a position therefore reads and drops the samples
+    before it without decoding them. `epoch` is advanced by `TrainLoader` on each new pass.
     """
 
     def __init__(
@@ -193,25 +276,70 @@ class TrainStream(IterableDataset):
         self.random_flip = random_flip
         self.interpolation = interpolation
         self.epoch = 0
+        self.resume: StreamResume | None = None
 
-    def own_shards(self, worker: int, num_workers: int) -> list[str]:
-        urls = self.urls
+    def own_share(self, worker: int, num_workers: int) -> tuple[list[str], int, int]:
+        """(shards, slot, slots): this (rank, worker) draws from `shards` and keeps the samples
+        whose index within a shard is `slot` modulo `slots`. Shards go to ranks, then workers,
+        while there are enough of them; below that, samples are dealt out instead."""
+        urls, slot, slots = self.urls, 0, 1
         if len(urls) >= self.world_size:
             urls = urls[self.rank :: self.world_size]
+        else:
+            slot, slots = self.rank, self.world_size
         if len(urls) >= num_workers:
             urls = urls[worker::num_workers]
-        return urls
+        else:
+            slot, slots = slot * num_workers + worker, slots * num_workers
+        return urls, slot, slots
+
+    def _rng(self, *parts: int) -> random.Random:
+        # String seeds are hashed with SHA-512: stable across processes, no collisions in practice.
+        return random.Random("/".join(str(p) for p in (self.seed, self.rank, *parts)))
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker()
-        rng = random.Random(make_seed(self.seed, self.rank, worker, self.epoch))
-        urls = self.own_shards(worker, num_workers)
-        shards = (dict(url=rng.choice(urls)) for _ in count())
-        samples = wds.tarfile_to_samples(handler=self.tally)(shards)
+        resume = self.resume
+        if resume is not None and len(resume.positions) != num_workers:
+            raise ValueError(f"resume positions for {len(resume.positions)} workers, loader has {num_workers}")
+        virtual = (worker + (resume.consumed if resume else 0)) % num_workers
+        start = resume.positions[virtual] if resume else 0
+        return self._batches(virtual, num_workers, self.epoch, start)
+
+    def _samples(self, urls: list[str], slot: int, slots: int, rng: random.Random) -> Iterator[dict]:
+        empty_reads = 0
+        while True:
+            shard = wds.tarfile_to_samples(handler=self.tally)([dict(url=rng.choice(urls))])
+            for sample in islice(shard, slot, None, slots):
+                empty_reads = 0
+                yield sample
+            empty_reads += 1
+            if empty_reads > 100 + 10 * len(urls):  # e.g. fewer samples per shard than ranks x workers
+                raise RuntimeError(f"no samples for slot {slot} of {slots} in {len(urls)} shard(s) ({urls[0]}, ...)")
+
+    def _batches(self, virtual: int, num_workers: int, epoch: int, start: int) -> Iterator[dict]:
+        urls, slot, slots = self.own_share(virtual, num_workers)
+        order = self._rng(virtual, epoch)
+        samples = self._samples(urls, slot, slots, order)
         if self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
-        images = wds.map(lambda s: self._transform(s, rng), handler=self.tally)(samples)
-        return wds.batched(self.batch_size, collation_fn=collate, partial=False)(images)
+            samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=order)(samples)
+        samples = iter(samples)
+        for _ in range(start):  # fast-forward: read, never decode
+            next(samples)
+        skipped_before = self.tally.local_count()
+        batch: list[dict] = []
+        for position, sample in enumerate(samples, start=start):
+            try:
+                batch.append(self._transform(sample, self._rng(virtual, epoch, position)))
+            except Exception as exn:  # unreadable: count, warn, go on (the tally raises after too many)
+                self.tally(exn)
+                continue
+            if len(batch) == self.batch_size:
+                skipped = self.tally.local_count()
+                out = collate(batch)
+                out["stream"] = StreamMark(epoch, virtual, position + 1, skipped - skipped_before)
+                yield out
+                batch, skipped_before = [], skipped
 
     def _transform(self, sample: dict, rng: random.Random) -> dict:
         try:
@@ -298,7 +426,8 @@ class TrainLoader(wds.WebLoader):
     """Loader of a `TrainStream` that advances the stream's epoch on every pass.
 
     Workers are started afresh on each pass (no persistent workers), so they inherit
-    the new epoch from this process.
+    the new epoch from this process. `resume_at` makes the next pass continue a pass of an
+    earlier run instead. Workers outlive a cluster's SIGTERM / SIGUSR1 (see `PreemptionShield`).
     """
 
     def __init__(self, stream: TrainStream, num_workers: int, skip_counter: SkipCounter):
@@ -307,13 +436,29 @@ class TrainLoader(wds.WebLoader):
             batch_size=None,
             num_workers=num_workers,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=PreemptionShield() if num_workers > 0 else None,
         )
         self.stream = stream
         self.skip_counter = skip_counter
+        # Workers that each produce their own sample order (without workers, this process).
+        self.stream_workers = max(1, num_workers)
+        self._resume: StreamResume | None = None
+
+    def resume_at(self, epoch: int, resume: StreamResume) -> None:
+        if len(resume.positions) != self.stream_workers:
+            raise ValueError(f"resume positions for {len(resume.positions)} workers, loader has {self.stream_workers}")
+        self.stream.epoch = epoch
+        self._resume = resume
 
     def __iter__(self):
-        self.stream.epoch += 1
-        return super().__iter__()
+        # Lazy: Lightning calls iter() once just to check the loader is iterable; only a pass
+        # that is actually read may use up a resume point or start workers.
+        if self._resume is not None:
+            self.stream.resume, self._resume = self._resume, None
+        else:
+            self.stream.epoch += 1
+            self.stream.resume = None
+        yield from super().__iter__()
 
 
 def make_train_loader(
@@ -330,7 +475,8 @@ def make_train_loader(
     skip_counter: SkipCounter | None = None,
     start_epoch: int = 0,
 ) -> TrainLoader:
-    """Infinite loader of training batches from shards (see `TrainStream`)."""
+    """Infinite loader of training batches from shards (see `TrainStream`); its first pass
+    uses epoch `start_epoch + 1` (see `TrainLoader.resume_at` to continue a pass instead)."""
     skip_counter = skip_counter if skip_counter is not None else SkipCounter()
     stream = TrainStream(
         resolve_shards(shards),
@@ -377,7 +523,10 @@ def make_eval_loader(
         world_size=world_size,
         interpolation=interpolation,
     )
-    loader = wds.WebLoader(stream, batch_size=None, num_workers=num_workers)
+    loader = wds.WebLoader(
+        stream, batch_size=None, num_workers=num_workers,
+        worker_init_fn=PreemptionShield() if num_workers > 0 else None,
+    )
     loader = loader.batched(batch_size, collation_fn=collate, partial=True)
     loader.skip_counter = skip_counter
     return loader

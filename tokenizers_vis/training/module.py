@@ -11,12 +11,22 @@ no unused-parameter search. Then the generator optimizer steps, followed by the 
 Schedules (lr warmup/cosine, GAN start) follow the module's own `step` counter, a buffer saved in
 checkpoints. Lightning's `global_step` counts optimizer steps, so the discriminator optimizer is
 stepped directly (not through Lightning's wrapper) and `global_step` equals tokenizer steps:
-`trainer.max_steps` and checkpoint intervals mean what they say.
+`trainer.max_steps` and checkpoint intervals mean what they say (a step skipped for a non-finite
+loss advances `step` but not `global_step`).
+
+Exact resume: a checkpoint holds, besides weights, EMA, optimizers and `step`, the random state
+a training step draws from and the counters that are not buffers. Each step starts from the
+random state the previous one ended with, so validation, image logging or loader start-up
+between steps (which differ between an uninterrupted and a resumed run) never change training.
+Each step's logs are written to the loggers inside the step, and loggers are flushed before every
+checkpoint, so a checkpoint is never ahead of the logs; a resumed run first drops the rows an
+interrupted run wrote after its checkpoint (`resume_at_step` of `ResumableCSVLogger`).
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,13 +35,39 @@ import torch
 from torch import nn
 
 from tokenizers_vis.models.base import Tokenizer
+from tokenizers_vis.training.checkpoint import rng_state, set_rng_state
 from tokenizers_vis.training.optim import decay_groups, lr_multiplier
 
 FROZEN_PREFIX = "objective.frozen."  # pretrained perceptual networks: rebuilt from config, never saved
+SCHEDULE_KEYS = ("name", "warmup_steps", "total_steps", "min_lr_ratio")
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def load_initial_weights(tokenizer: Tokenizer, source: str | None = None, objective: nn.Module | None = None) -> None:
+    """Set the weights training starts from (before the EMA copy is taken).
+
+    First the part the objective supplies, if it has `initial_weights(tokenizer)` (TiTok's
+    proxy-code stage: the teacher's decoder and codebook as the pixel decoder); then `source`
+    (`model.init_from`: a .ckpt of ours -> its EMA weights, a saved folder or a Hub id), which
+    must match the whole architecture and is loaded strictly.
+    """
+    from tokenizers_vis.hub import load_tokenizer
+
+    supplied = getattr(objective, "initial_weights", None)
+    if supplied is not None:
+        unexpected = tokenizer.load_state_dict(supplied(tokenizer), strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{type(objective).__name__}.initial_weights gave keys this model lacks: {unexpected[:8]}")
+    if not source:
+        return
+    state = load_tokenizer(source).state_dict()
+    try:
+        tokenizer.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"model.init_from={source} does not match this model's architecture: {err}") from err
 
 
 class TokenizerModule(L.LightningModule):
@@ -43,7 +79,13 @@ class TokenizerModule(L.LightningModule):
     optimizer / disc_optimizer: partial optimizers (`_partial_: true`), called with param groups.
     schedule: {name: cosine|constant, warmup_steps, total_steps (null: trainer.max_steps), min_lr_ratio}.
     ema_decay: decay of the EMA weights used for validation, sampling and export (null: no EMA).
-    max_nonfinite_steps: consecutive non-finite losses tolerated (each skipped) before stopping.
+    max_nonfinite_steps: consecutive non-finite losses tolerated before stopping. A non-finite
+        step is skipped (no optimizer or EMA update, buffers as before it) and counted; the
+        stop raises `NonFiniteLossError` and the checkpoint callback saves `last.ckpt` first.
+    init_from: start from these tokenizer weights (a .ckpt of ours -> its EMA weights, a saved
+        folder, or a Hub id), e.g. stage 2 from a stage-1 run. Loaded strictly. Unlike
+        `ckpt_path` (resume), optimizer state and step counter start fresh. An objective with
+        `initial_weights(tokenizer)` supplies part of the weights first (see `load_initial_weights`).
     """
 
     def __init__(
@@ -61,13 +103,18 @@ class TokenizerModule(L.LightningModule):
         compile: bool = False,
         gradient_checkpointing: bool = False,
         val_metrics: dict[str, Any] | None = None,
+        init_from: str | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
         self.save_hyperparameters(ignore=["tokenizer", "objective"], logger=False)
+        load_initial_weights(tokenizer, init_from, objective)
         self.tokenizer = tokenizer
         self.objective = objective
         self.ema = copy.deepcopy(tokenizer).requires_grad_(False).eval() if ema_decay else None
+        unknown = sorted(set(schedule or {}) - set(SCHEDULE_KEYS))
+        if unknown:
+            raise ValueError(f"model.schedule has unknown key(s) {unknown}; expected some of {list(SCHEDULE_KEYS)}")
         self.schedule = {"name": "cosine", "warmup_steps": 0, "total_steps": None, "min_lr_ratio": 0.1,
                          **(dict(schedule) if schedule else {})}
         # Own step counter (every attempted step, skipped ones included) and skip bookkeeping.
@@ -77,6 +124,7 @@ class TokenizerModule(L.LightningModule):
         codebook_size = getattr(tokenizer, "codebook_size", None)
         self._code_hist = torch.zeros(codebook_size, dtype=torch.long) if codebook_size else None
         self._val_metrics = None
+        self._rng_state: dict[str, Any] | None = None  # what the next training step draws from
         if gradient_checkpointing and hasattr(tokenizer, "set_gradient_checkpointing"):
             tokenizer.set_gradient_checkpointing(True)
 
@@ -124,12 +172,18 @@ class TokenizerModule(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int):
+        if self._rng_state is not None:
+            set_rng_state(self._rng_state, self.device)
         images = batch["image"]
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         opt_g, opt_d = optimizers[0], (optimizers[1] if len(optimizers) > 1 else None)
         step = int(self.step)
         self._set_lr([o.optimizer for o in optimizers], step)
+        # Buffers the forward updates in place (codebook statistics, LeCam averages): a skipped
+        # step must not leave its NaNs in them.
+        buffers = self._step_buffers()
+        saved_buffers = [b.clone() for b in buffers]
 
         loss, logs, output = self.objective(self.tokenizer, images, step)
         train_disc = opt_d is not None and self.objective.discriminator_active(step)
@@ -159,15 +213,24 @@ class TokenizerModule(L.LightningModule):
             self._update_ema(step)
             self._count_codes(output)
         else:
-            self._skip_nonfinite_step(optimizers, step)
+            self._skip_nonfinite_step(optimizers)
+            for buffer, saved in zip(buffers, saved_buffers):
+                buffer.copy_(saved)
 
         self.step += 1
         logs["lr"] = torch.tensor(opt_g.optimizer.param_groups[0]["lr"])
         logs["train/step"] = self.step.float()
-        self.log_dict({k if "/" in k else f"train/{k}": v for k, v in logs.items()},
-                      on_step=True, prog_bar=False, batch_size=images.shape[0])
+        logs = {k if "/" in k else f"train/{k}": v for k, v in logs.items()}
+        self.log_dict(logs, on_step=True, prog_bar=False, logger=False, batch_size=images.shape[0])
         self.log("loss", logs["loss/total"], prog_bar=True, on_step=True, batch_size=images.shape[0], logger=False)
-        self._log_codebook(step)
+        self._write_logs(step, logs)
+        self._rng_state = rng_state(self.device)
+        if self._consecutive_nonfinite >= self.hparams.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self._consecutive_nonfinite} consecutive non-finite losses (steps "
+                f"{step + 1 - self._consecutive_nonfinite}..{step}), each skipped; stopping. The weights, EMA and "
+                f"optimizer states are those from before these steps. Lower the lr, keep grad clipping on, or use "
+                f"trainer.precision=32, then resume with ckpt_path=last.")
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).float()
@@ -175,16 +238,37 @@ class TokenizerModule(L.LightningModule):
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         return bool(finite > 0)
 
-    def _skip_nonfinite_step(self, optimizers, step: int) -> None:
+    def _step_buffers(self) -> list[torch.Tensor]:
+        return [b for name, b in self.named_buffers()
+                if name.startswith(("tokenizer.", "objective.")) and not name.startswith(FROZEN_PREFIX)]
+
+    def _skip_nonfinite_step(self, optimizers) -> None:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.nonfinite_steps += 1
         self._consecutive_nonfinite += 1
-        limit = self.hparams.max_nonfinite_steps
-        if self._consecutive_nonfinite >= limit:
-            raise NonFiniteLossError(
-                f"{limit} consecutive non-finite losses (last at step {step}); stopping. The last good weights are in "
-                f"the newest checkpoint; lower the lr, enable grad clipping, or use trainer.precision=32.")
+
+    # -- logging -----------------------------------------------------------------------------------
+    def _write_logs(self, step: int, logs: dict[str, Any]) -> None:
+        """Write step `step`'s logs (every `trainer.log_every_n_steps` steps) and codebook statistics
+        (every `codebook_log_every`) to the loggers now, within the step. Lightning would write
+        them only after the step's callbacks, one of which may save the checkpoint of this step:
+        a crash in between would then lose the step's row for good."""
+        codebook = self._codebook_stats(step)  # a collective: on every rank
+        if not self.loggers or not self.trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in logs.items()} if (step + 1) % self.trainer.log_every_n_steps == 0 else {}
+        metrics.update(codebook)
+        if metrics:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def on_train_start(self) -> None:
+        # Rows that an interrupted run logged after the checkpoint this run resumes from (or,
+        # on a fresh start, rows of an earlier run in this folder) are logged again from here.
+        for logger in self.loggers:
+            if hasattr(logger, "resume_at_step"):
+                logger.resume_at_step(int(self.step))
 
     # -- EMA ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -213,17 +297,18 @@ class TokenizerModule(L.LightningModule):
             self._code_hist = self._code_hist.to(ids.device)
         self._code_hist += torch.bincount(ids.reshape(-1), minlength=self._code_hist.numel())
 
-    def _log_codebook(self, step: int) -> None:
+    def _codebook_stats(self, step: int) -> dict[str, float]:
+        """Usage and perplexity of the codes counted since the last report, every `codebook_log_every` steps
+        (summed over ranks: every rank must call this at the same steps)."""
         every = self.hparams.codebook_log_every
         if self._code_hist is None or not every or (step + 1) % every:
-            return
+            return {}
         hist = self.trainer.strategy.reduce(self._code_hist.float(), reduce_op="sum")
         total = hist.sum().clamp_min(1)
         probs = hist / total
         entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
-        self.log_dict({"codebook/usage": (hist > 0).float().mean(), "codebook/perplexity": entropy.exp()},
-                      on_step=True, batch_size=1)
         self._code_hist.zero_()
+        return {"codebook/usage": float((hist > 0).float().mean()), "codebook/perplexity": float(entropy.exp())}
 
     # -- validation (EMA weights) ------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -251,6 +336,23 @@ class TokenizerModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FROZEN_PREFIX)]:
             del state[key]
+        # Every row logged so far reaches the disk before the checkpoint does.
+        for logger in self.loggers:
+            logger.save()
+        rng = self._rng_state if self._rng_state is not None else rng_state(self.device)
+        checkpoint["training_state"] = {
+            "rng": self._gather(rng),
+            "consecutive_nonfinite": self._consecutive_nonfinite,
+            "code_hist": self._code_hist.cpu().clone() if self._code_hist is not None else None,
+        }
+
+    def _gather(self, value: Any) -> list[Any]:
+        """`value` of every rank (a collective: checkpoints are dumped on every rank)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return [value]
+        values: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(values, value)
+        return values
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen pretrained networks are not saved: take them from this freshly built module so
@@ -259,3 +361,16 @@ class TokenizerModule(L.LightningModule):
         for key, value in self.state_dict().items():
             if key.startswith(FROZEN_PREFIX):
                 state[key] = value
+        training = checkpoint.get("training_state")
+        if training is None:
+            return
+        self._consecutive_nonfinite = int(training["consecutive_nonfinite"])
+        if self._code_hist is not None and training["code_hist"] is not None:
+            self._code_hist = training["code_hist"].clone()
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        states = training["rng"]
+        if len(states) == world_size:
+            self._rng_state = states[self.global_rank]
+        else:
+            warnings.warn(f"the checkpoint's random states are for {len(states)} rank(s), this run has {world_size}; "
+                          "training goes on from freshly seeded generators", stacklevel=2)

@@ -4,14 +4,18 @@ in-process."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from tokenizers_vis.config import prepare_config, resolve_ckpt_path
+from tokenizers_vis.config import check_config, prepare_config, resolve_ckpt_path
+from tokenizers_vis.training.checkpoint import Preempted
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -23,14 +27,30 @@ def validate_metrics(trainer: L.Trainer, module, datamodule) -> dict[str, float]
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
+def skipped_samples(trainer: L.Trainer, datamodule) -> dict[str, int]:
+    """Unreadable samples skipped, summed over ranks (a collective: every rank calls it)."""
+    counts = datamodule.skipped_samples() if hasattr(datamodule, "skipped_samples") else {}
+    if not counts:
+        return {}
+    names = sorted(counts)
+    totals = trainer.strategy.reduce(torch.tensor([float(counts[n]) for n in names]), reduce_op="sum")
+    return {name: int(total) for name, total in zip(names, totals.tolist())}
+
+
 def run_training(cfg: DictConfig) -> dict:
-    """Instantiate data, model, callbacks, loggers and trainer; fit; validate the final (EMA)
-    weights; write `<run>/config.yaml` and `<run>/summary.json`. Returns the summary."""
+    """Check the config; instantiate data, model, callbacks, loggers and trainer; fit (resuming
+    from `ckpt_path`); validate the final (EMA) weights; write `<run>/config.yaml` and
+    `<run>/summary.json`. Returns the summary. A run stopped by SIGTERM / SIGUSR1 returns after
+    saving `last.ckpt`, without the final validation, with `summary["preempted"]` set."""
     cfg = prepare_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    L.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
+    if hasattr(datamodule, "check_sources"):
+        datamodule.check_sources()  # a wrong data path fails now, not after the model is built
     module = hydra.utils.instantiate(cfg.model)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
@@ -40,18 +60,35 @@ def run_training(cfg: DictConfig) -> dict:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     summary: dict = {"name": cfg.name, "run_dir": str(run_dir)}
-    if cfg.get("validate_before_fit"):
+    if ckpt_path:
+        summary["resumed_from"] = ckpt_path
+    elif cfg.get("validate_before_fit"):  # on resume the initial weights are long gone
         summary["val_before"] = validate_metrics(trainer, module, datamodule)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), run_dir))
+    try:
+        # Our own checkpoints hold more than tensors (hyperparameters, RNG states): trusted, full load.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    except Preempted as stop:
+        summary["preempted"] = signal.Signals(stop.signum).name
+        summary["checkpoint"] = stop.checkpoint
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["steps"] = int(module.step)
     summary["nonfinite_steps"] = int(module.nonfinite_steps)
-    if cfg.get("validate_after_fit"):
+    if cfg.get("validate_after_fit") and "preempted" not in summary:
         summary["val_after"] = validate_metrics(trainer, module, datamodule)
     for when in ("before", "after"):
         if "val/psnr" in summary.get(f"val_{when}", {}):
             summary[f"psnr_{when}"] = summary[f"val_{when}"]["val/psnr"]
+    skipped = skipped_samples(trainer, datamodule)
+    if skipped:
+        summary["skipped_samples"] = sum(skipped.values())
+        summary["skipped_samples_by_split"] = skipped
+        splits = ", ".join(f"{name} {count}" for name, count in skipped.items())
+        report = f"skipped {summary['skipped_samples']} unreadable samples ({splits})"
+        if summary["skipped_samples"]:
+            rank_zero_warn(report)
+        else:
+            rank_zero_info(report)
     grids = sorted((run_dir / "reconstructions").glob("step_*.png"))
     if grids:
         summary["grid"] = str(grids[-1])
