@@ -116,6 +116,11 @@ class VectorQuantizer(Quantizer):
 
     @torch.no_grad()
     def _restart_dead_codes(self, z: torch.Tensor, ids: torch.Tensor) -> None:
+        finite = torch.isfinite(z).all().float()
+        if _distributed():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite:
+            return  # a non-finite step is skipped by the trainer; never copy its values into the codebook
         hits = torch.bincount(ids, minlength=self.codebook_size).float()
         if _distributed():
             dist.all_reduce(hits)
