@@ -94,6 +94,6 @@ def test_build_quantizer_rejects_unknown():
 def test_non_finite_inputs_never_reach_the_codebook():
     vq = VectorQuantizer(16, 4, dead_code_threshold=10.0, usage_decay=0.0).train()  # every code dead at once
     z = torch.randn(8, 4)
-    z[0, 0] = float("nan")
+    z[:, 0] = float("nan")
     vq(z)
     assert torch.isfinite(vq.embedding.weight).all()
