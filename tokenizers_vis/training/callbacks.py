@@ -20,7 +20,7 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor) 
 
 class ReconstructionLogger(L.Callback):
     """Every `every_n_steps` (and at the end of training) reconstructs a fixed set of validation
-    images with the EMA weights and writes `<run>/reconstructions/step_XXXXXXX.png`; also logs the
+    images with the EMA weights and writes `<run>/reconstructions/step_<7-digit step>.png`; also logs the
     grid to wandb when a WandbLogger is active."""
 
     def __init__(self, every_n_steps: int = 500, num_images: int = 8, dirname: str = "reconstructions"):
