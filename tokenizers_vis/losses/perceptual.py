@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from tokenizers_vis.weights import MissingWeightsError, find_weights
+
 # Hydra keys a user sets to provide the weights (named in the missing-weights error).
 LPIPS_WEIGHTS_KEY = "model.objective.lpips_weights"
 CONVNEXT_WEIGHTS_KEY = "model.objective.convnext_weights"
@@ -33,21 +35,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def resolve_weights_file(path: str | None, cache_file: str, config_key: str) -> Path:
     """The local weights file to load: `path` if given, else the torch hub cache copy.
 
-    Raises FileNotFoundError naming the file, the config key and how to provide it.
+    The lookup is `tokenizers_vis.weights.find_weights` (shared with the metrics); the error it
+    raises (a FileNotFoundError naming the file and the config key) gains the smoke-test hint.
     """
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / cache_file
-    how = (
-        f"Either put {cache_file} at {cached} (the torch hub cache), or set {config_key}=/path/to/{cache_file}; "
-        f"for smoke tests set {RANDOM_WEIGHTS_KEY}=true to use random weights."
-    )
-    if path is not None:
-        explicit = Path(path).expanduser()
-        if not explicit.is_file():
-            raise FileNotFoundError(f"{config_key}={path} does not exist. {how}")
-        return explicit
-    if not cached.is_file():
-        raise FileNotFoundError(f"ImageNet weights {cache_file} not found and nothing is downloaded. {how}")
-    return cached
+    try:
+        return find_weights(path, cache_file, config_key, description="ImageNet weights")
+    except MissingWeightsError as err:
+        raise MissingWeightsError(f"{err} For smoke tests set {RANDOM_WEIGHTS_KEY}=true to use random weights.") from None
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
