@@ -29,6 +29,12 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def squared_distances(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(N, D) x (K, D) -> (N, K) as ||z||^2 + ||e||^2 - 2 z.e: the expansion of the official
+    VQ-VAE / TiTok / TokenFlow code, so ties and near-ties resolve as in the released models."""
+    return z.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * z @ codes.t()
+
+
 class Quantizer(nn.Module, ABC):
     codebook_size: int | None = None
 
@@ -85,9 +91,7 @@ class VectorQuantizer(Quantizer):
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """ids of the nearest codes for z of shape (N, dim), by ||z||^2 + ||e||^2 - 2 z.e."""
-        codes = self.codebook()
-        distances = z.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * z @ codes.t()
-        return distances.argmin(dim=1)
+        return squared_distances(z, self.codebook()).argmin(dim=1)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         with float32():
@@ -215,9 +219,189 @@ class FiniteScalarQuantizer(Quantizer):
             return z_q.reshape(shape), ids.long().reshape(shape[:-1]), {"loss": z_q.new_zeros(())}
 
 
+class SharedMappingQuantizer(Quantizer):
+    """TokenFlow's dual codebook with one shared index.
+
+    Each entry is a pair (semantic row, pixel row); both, and the two halves of the input
+    (semantic_dim + pixel_dim channels), are l2-normalised separately. The index minimises
+    d_semantic + pixel_weight * d_pixel, so one id names both codes; z_q is the concatenated pair,
+    returned straight-through. The codebooks are stored un-normalised, as in the released
+    checkpoints, and normalised on every use.
+
+    aux: "loss" = codebook_weight * codebook_loss + commitment_weight * commitment_loss, the parts
+    unweighted ("codebook_loss" = mse(z_q, sg(z)), "commitment_loss" = mse(sg(z_q), z)), and the
+    statistics "d_semantic" / "d_pixel": mean squared distance of each half to its chosen code.
+    """
+
+    # Rows of the distance matrix computed at once: bounds its memory to ~256 MiB at 32768 entries.
+    max_distance_elements = 1 << 26
+
+    def __init__(
+        self,
+        codebook_size: int,
+        semantic_dim: int = 32,
+        pixel_dim: int = 8,
+        pixel_weight: float = 1.0,
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+    ):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.semantic_dim = semantic_dim
+        self.pixel_dim = pixel_dim
+        self.dim = semantic_dim + pixel_dim
+        self.pixel_weight = pixel_weight
+        self.commitment_weight = commitment_weight
+        self.codebook_weight = codebook_weight
+        self.semantic_codebook = nn.Embedding(codebook_size, semantic_dim)
+        self.pixel_codebook = nn.Embedding(codebook_size, pixel_dim)
+
+    def codebooks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised (semantic, pixel) codebooks, float32."""
+        return (F.normalize(self.semantic_codebook.weight.float(), dim=-1),
+                F.normalize(self.pixel_codebook.weight.float(), dim=-1))
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """l2-normalise the semantic and pixel halves of z (..., dim) separately."""
+        z_s, z_p = z.split([self.semantic_dim, self.pixel_dim], dim=-1)
+        return torch.cat([F.normalize(z_s, dim=-1), F.normalize(z_p, dim=-1)], dim=-1)
+
+    @torch.no_grad()
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """ids for normalised rows z (N, dim): argmin of d_semantic + pixel_weight * d_pixel (the
+        first index wins ties), in chunks of rows to bound the (N, codebook_size) matrix."""
+        sem_codes, pix_codes = self.codebooks()
+        z_s, z_p = z.split([self.semantic_dim, self.pixel_dim], dim=-1)
+        rows = max(1, self.max_distance_elements // self.codebook_size)
+        ids = [
+            (squared_distances(zs, sem_codes) + self.pixel_weight * squared_distances(zp, pix_codes))
+            .argmin(dim=1)
+            for zs, zp in zip(z_s.split(rows), z_p.split(rows))
+        ]
+        return torch.cat(ids) if ids else z.new_zeros(0, dtype=torch.long)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        with float32():
+            sem_codes, pix_codes = self.codebooks()
+            return torch.cat([F.embedding(ids, sem_codes), F.embedding(ids, pix_codes)], dim=-1)
+
+    def forward(self, z: torch.Tensor):
+        with float32():
+            shape = z.shape
+            if shape[-1] != self.dim:
+                raise ValueError(f"expected {self.dim} channels ({self.semantic_dim} semantic + {self.pixel_dim} "
+                                 f"pixel), got {shape[-1]}")
+            z = self.normalize(z.float().reshape(-1, self.dim))
+            ids = self.lookup(z.detach())
+            z_q = self.embed(ids)
+            codebook = F.mse_loss(z_q, z.detach())
+            commitment = F.mse_loss(z_q.detach(), z)
+            with torch.no_grad():
+                sq = (z - z_q).pow(2)
+                d_semantic = sq[:, : self.semantic_dim].sum(-1).mean()
+                d_pixel = sq[:, self.semantic_dim:].sum(-1).mean()
+            z_st = z + (z_q - z).detach()  # straight-through: decoder gradients reach the encoder
+            aux = {
+                "loss": self.codebook_weight * codebook + self.commitment_weight * commitment,
+                "codebook_loss": codebook.detach(),
+                "commitment_loss": commitment.detach(),
+                "d_semantic": d_semantic,
+                "d_pixel": d_pixel,
+            }
+            return z_st.reshape(shape), ids.reshape(shape[:-1]), aux
+
+
+class MultiScaleResidualQuantizer(nn.Module):
+    """VAR-style multi-scale residual quantization around any `Quantizer` (TokenFlow).
+
+    forward(h) with h (B, C, G, G), G = scales[-1]: starting from residual = h, each scale s
+    area-downsamples the residual to s x s, quantizes it, bicubic-upsamples the codes to G x G,
+    adds them to the output and subtracts them from the residual. Returns (sum (B, C, G, G),
+    ids (B, num_ids) with the scales concatenated in schedule order, each block row-major over
+    (h, w), aux with every loss and statistic averaged over the quantized scales).
+
+    In training, with probability drop_scale_prob one scale other than the first is skipped
+    (its ids are -1). The draws use torch's global RNG, so the framework's seeding covers them.
+    """
+
+    def __init__(self, quantizer: Quantizer, scales: Sequence[int], drop_scale_prob: float = 0.0):
+        super().__init__()
+        self.quantizer = quantizer
+        self.scales = [int(s) for s in scales]
+        if not self.scales or any(s < 1 for s in self.scales):
+            raise ValueError(f"scales must be positive sizes, got {list(scales)}")
+        self.drop_scale_prob = float(drop_scale_prob)
+        self.prefix_lengths = torch.tensor([s * s for s in self.scales]).cumsum(0).tolist()
+        self.num_ids = self.prefix_lengths[-1]
+        self.grid = self.scales[-1]
+
+    @property
+    def codebook_size(self) -> int | None:
+        return self.quantizer.codebook_size
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        # At s == G the official bicubic call is an exact identity; skipping it saves the work.
+        if x.shape[-1] == self.grid:
+            return x
+        return F.interpolate(x, size=(self.grid, self.grid), mode="bicubic", align_corners=False)
+
+    def _dropped_scale(self) -> int | None:
+        if not (self.training and self.drop_scale_prob > 0 and len(self.scales) > 1):
+            return None
+        if torch.rand(()).item() >= self.drop_scale_prob:
+            return None
+        return int(torch.randint(1, len(self.scales), ()).item())
+
+    def split_ids(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """(B, L) ids, L a prefix length, -> one (B, s, s) block per scale present."""
+        if ids.shape[-1] not in self.prefix_lengths:
+            raise ValueError(f"got {ids.shape[-1]} ids; a multi-scale code has a prefix length of the "
+                             f"schedule {self.scales}: one of {self.prefix_lengths}")
+        count = self.prefix_lengths.index(ids.shape[-1]) + 1
+        blocks = ids.split([s * s for s in self.scales[:count]], dim=-1)
+        return [block.reshape(ids.shape[0], s, s) for block, s in zip(blocks, self.scales)]
+
+    def forward(self, h: torch.Tensor):
+        if h.ndim != 4 or h.shape[-2:] != (self.grid, self.grid):
+            raise ValueError(f"expected (B, C, {self.grid}, {self.grid}) features (the last scale of "
+                             f"{self.scales}), got {tuple(h.shape)}")
+        with float32():
+            residual = h.float()
+            total = torch.zeros_like(residual)
+            dropped = self._dropped_scale()
+            ids, terms = [], {}
+            for k, s in enumerate(self.scales):
+                if k == dropped:
+                    ids.append(torch.full((h.shape[0], s * s), -1, dtype=torch.long, device=h.device))
+                    continue
+                x = residual if s == self.grid else F.interpolate(residual, size=(s, s), mode="area")
+                z_q, ids_s, aux_s = self.quantizer(x.permute(0, 2, 3, 1))
+                up = self._upsample(z_q.permute(0, 3, 1, 2))
+                total = total + up
+                residual = residual - up
+                ids.append(ids_s.reshape(h.shape[0], s * s).long())
+                for name, value in aux_s.items():
+                    terms.setdefault(name, []).append(value)
+            aux = {name: torch.stack(values).mean() for name, values in terms.items()}
+            return total, torch.cat(ids, dim=1), aux
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids of any prefix length -> (B, C, G, G): the sum of the upsampled codes of the
+        scales present. Ids of -1 (a dropped scale) contribute nothing."""
+        with float32():
+            total = 0
+            for block in self.split_ids(ids):
+                valid = block >= 0
+                codes = self.quantizer.embed(block.clamp(min=0)) * valid.unsqueeze(-1)
+                total = total + self._upsample(codes.permute(0, 3, 1, 2))
+            return total
+
+
 def build_quantizer(kind: str, dim: int | None = None, **kwargs) -> Quantizer:
     """"vq" -> VectorQuantizer(codebook_size, dim, ...); "vae" -> DiagonalGaussian(dim, ...);
-    "fsq" -> FiniteScalarQuantizer(levels) (its width is len(levels))."""
+    "fsq" -> FiniteScalarQuantizer(levels) (its width is len(levels));
+    "shared_mapping" -> SharedMappingQuantizer(codebook_size, semantic_dim, pixel_dim, ...) (its
+    width is semantic_dim + pixel_dim)."""
     if kind == "vq":
         return VectorQuantizer(dim=dim, **kwargs)
     if kind == "vae":
@@ -227,4 +411,10 @@ def build_quantizer(kind: str, dim: int | None = None, **kwargs) -> Quantizer:
         if dim is not None and dim != quantizer.dim:
             raise ValueError(f"FSQ levels {quantizer.levels} give {quantizer.dim} channels, not {dim}")
         return quantizer
-    raise ValueError(f"unknown quantizer {kind!r}; expected 'vq', 'vae' or 'fsq'")
+    if kind == "shared_mapping":
+        quantizer = SharedMappingQuantizer(**kwargs)
+        if dim is not None and dim != quantizer.dim:
+            raise ValueError(f"a shared mapping of {quantizer.semantic_dim} + {quantizer.pixel_dim} channels "
+                             f"is {quantizer.dim} wide, not {dim}")
+        return quantizer
+    raise ValueError(f"unknown quantizer {kind!r}; expected 'vq', 'vae', 'fsq' or 'shared_mapping'")
