@@ -9,6 +9,7 @@ rebuilds a VAE whose weights then arrive with the tokenizer's own state_dict.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,45 @@ def _from_pretrained(cls, source: str, key: str, **kwargs):
             f"could not load {key}={source!r} ({err}). Set {key} to a local folder holding the weights "
             f"(download it where there is network, e.g. `hf download {source} --local-dir DIR`), or to null "
             f"to build the network from its config with random weights."
+        ) from err
+
+
+WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def weights_file(path: str | Path) -> Path:
+    """`path` itself when it is a file, else the first of `WEIGHT_FILE_NAMES` inside the folder."""
+    path = Path(path)
+    if path.is_dir():
+        files = [path / name for name in WEIGHT_FILE_NAMES if (path / name).is_file()]
+        if not files:
+            raise FileNotFoundError(f"{path} holds none of {list(WEIGHT_FILE_NAMES)}")
+        return files[0]
+    return path
+
+
+def load_timm_model(name: str, pretrained: str | None, options: Mapping[str, Any], key: str,
+                    alternative: str = "set it to null to build the network with random weights") -> nn.Module:
+    """A timm model with pretrained weights from a local file or folder, a Hub id, or (pretrained None)
+    timm's own pretrained tag of `name` (a download, or the local Hub cache offline).
+
+    Any failure becomes a `MissingPretrainedError` naming the config `key` and how to provide the
+    weights; `alternative` is the other way out offered.
+    """
+    import timm
+
+    try:
+        if pretrained is None:
+            return timm.create_model(name, pretrained=True, **options)
+        path = Path(pretrained)
+        if path.exists():
+            file = weights_file(path)
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)}, **options)
+        return timm.create_model(f"hf-hub:{pretrained}", pretrained=True, **options)
+    except Exception as err:
+        raise MissingPretrainedError(
+            f"could not load {name!r} ({key}={pretrained or name!r}): {err}. Set {key} to a local weights file or "
+            f"folder (download it where there is network), or {alternative}."
         ) from err
 
 
@@ -111,33 +151,11 @@ class FrozenVisionEncoder(FrozenModule):
         if random_weights:
             self.model = timm.create_model(name, pretrained=False, **options)
         else:
-            self.model = self._load(timm, name, pretrained, options)
+            self.model = load_timm_model(name, pretrained, options, key="objective.repa_encoder.pretrained",
+                                         alternative="set repa_weight to 0")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self._freeze()
-
-    @staticmethod
-    def _load(timm, name: str, pretrained: str | None, options: dict):
-        from pathlib import Path
-
-        key = "objective.repa_encoder.pretrained"
-        try:
-            if pretrained is None:
-                return timm.create_model(name, pretrained=True, **options)
-            path = Path(pretrained)
-            if path.is_dir():
-                files = [p for p in ("model.safetensors", "pytorch_model.bin") if (path / p).is_file()]
-                if not files:
-                    raise FileNotFoundError(f"{path} holds no model.safetensors or pytorch_model.bin")
-                path = path / files[0]
-            if path.is_file():
-                return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **options)
-            return timm.create_model(f"hf-hub:{pretrained}", pretrained=True, **options)
-        except Exception as err:
-            raise MissingPretrainedError(
-                f"could not load the REPA encoder {name!r} ({key}={pretrained!r}): {err}. Set {key} to a local "
-                f"weights file or folder (download it where there is network), or set repa_weight to 0."
-            ) from err
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic",

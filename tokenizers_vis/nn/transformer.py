@@ -172,3 +172,27 @@ def init_vit_weights(module: nn.Module, std: float = 0.02, linear_init: str = "t
 def embedding_parameter(*shape: int, width: int) -> nn.Parameter:
     """A learned token / position embedding initialised with std width**-0.5 (CLIP/TiTok)."""
     return nn.Parameter(torch.randn(*shape) * (1.0 / math.sqrt(width)))
+
+
+def interpolate_position_table(table: torch.Tensor, grid: int, official_offset: float = 0.1) -> torch.Tensor:
+    """Resample a square (n*n, D) position table to (grid*grid, D), rows row-major.
+
+    Identity when n == grid. Otherwise the BEiT / TokenFlow call, which checkpoints trained with it
+    depend on: bicubic (align_corners False) with `scale_factor=(grid + offset) / n`, not
+    `size=grid`. PyTorch then samples source coordinate (dst + 0.5) * n / (grid + offset) - 0.5, a
+    slightly different grid than a resize to `grid` would use; the output side is
+    floor(n * (grid + offset) / n) = grid.
+    """
+    rows, dim = table.shape
+    n = math.isqrt(rows)
+    if n * n != rows:
+        raise ValueError(f"a position table needs a square number of rows, got {rows}")
+    if n == grid:
+        return table
+    square = table.reshape(1, n, n, dim).permute(0, 3, 1, 2)
+    factor = (grid + official_offset) / n
+    out = F.interpolate(square.float(), scale_factor=(factor, factor), mode="bicubic", align_corners=False)
+    if out.shape[-2:] != (grid, grid):  # floor(n * factor) rounding; guards unusual offsets
+        raise ValueError(f"interpolating a {n}x{n} table with offset {official_offset} gave "
+                         f"{tuple(out.shape[-2:])}, not {grid}x{grid}")
+    return out.to(table.dtype).permute(0, 2, 3, 1).reshape(grid * grid, dim)
