@@ -15,6 +15,12 @@ from tokenizers_vis.models.base import Tokenizer, build_tokenizer
 from tokenizers_vis.models.flextok_official import load_official as load_official_flextok
 from tokenizers_vis.models.flextok_official import read_official_config as read_official_flextok_config
 from tokenizers_vis.models.titok_official import is_official_titok_config, load_official
+from tokenizers_vis.models.tokenflow_official import RELEASED as RELEASED_TOKENFLOW
+from tokenizers_vis.models.tokenflow_official import (
+    is_official_tokenflow_folder,
+    load_official_tokenflow,
+    released_folder,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -92,6 +98,9 @@ def load_folder(directory: str | os.PathLike) -> Tokenizer:
     if is_official_titok_config(config):
         # A released TiTok repo: official config and weight names, converted on the way in.
         return load_official(directory, config)
+    if is_official_tokenflow_folder(directory):
+        # An official TokenFlow checkpoint: official_args.json + model.pt, converted on the way in.
+        return load_official_tokenflow(directory)
     flextok_config = read_official_flextok_config(directory)
     if flextok_config is not None:
         # A released FlexTok repo: Hydra `_target_` config (config.json or safetensors metadata).
@@ -115,12 +124,34 @@ def _download(repo_id: str, revision: str | None = None) -> Path:
         ) from err
 
 
+def _released_tokenflow(name: str) -> str | None:
+    """The released TokenFlow file a preset name means: `tokenflow_siglip_32k`, its `.pt` file name, or
+    `ByteFlow-AI/TokenFlow/<file>`; None for anything else (a local path of that name wins)."""
+    if Path(name).exists():
+        return None
+    filename = name.rsplit("/", 1)[-1]
+    filename = filename if filename.endswith(".pt") else filename + ".pt"
+    if filename in RELEASED_TOKENFLOW and (name.count("/") == 0 or name.startswith("ByteFlow-AI/TokenFlow/")):
+        return filename
+    return None
+
+
+def _cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "tokenizers_vis"
+
+
 def load_tokenizer(path_or_id: str | os.PathLike, use_ema: bool = True, revision: str | None = None) -> Tokenizer:
-    """Load a tokenizer in eval mode from a `.ckpt`, a saved folder, or a Hub repo id.
+    """Load a tokenizer in eval mode from a `.ckpt`, a saved folder, a Hub repo id, or the name of a
+    released official checkpoint (`tokenflow_clipb_32k_enhanced`, `tokenflow_siglip_32k`).
 
     Training checkpoints give the EMA weights unless `use_ema=False`.
     """
     path = Path(path_or_id)
+    released = _released_tokenflow(str(path_or_id))
+    if released is not None:
+        return load_official_tokenflow(released_folder(released, _cache_dir()))
     if path.is_file():
         return load_checkpoint(path, use_ema=use_ema)
     if path.is_dir():

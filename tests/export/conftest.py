@@ -22,6 +22,11 @@ TINY_CONFIGS = {
     "flextok": dict(model_type="flextok", image_size=32, vae=None, patch_size=8, num_registers=8, encoder_width=32,
                     encoder_depth=1, encoder_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2,
                     sample_steps=2, guidance_scale=1.5),
+    "tokenflow": dict(model_type="tokenflow", image_size=32, semantic_decoder_width=32, semantic_decoder_depth=1,
+                      semantic_decoder_heads=2, semantic_out_dim=16, pixel_channels=32,
+                      pixel_channel_mult=[1, 1, 1, 1], pixel_num_res_blocks=1, z_channels=32, codebook_size=32,
+                      scales=[1, 2, 4], semantic_encoder={"kind": "openai_clip", "pretrained": None, "config": {
+                          "image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2, "output_dim": 16}}),
 }
 
 

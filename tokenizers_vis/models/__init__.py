@@ -10,3 +10,6 @@ __all__ += ["TiTok", "VQGAN"]
 from tokenizers_vis.models.flextok import FlexTok  # noqa: E402  (registers "flextok")
 
 __all__ += ["FlexTok"]
+from tokenizers_vis.models.tokenflow import TokenFlow  # noqa: E402  (registers "tokenflow")
+
+__all__ += ["TokenFlow"]

@@ -8,6 +8,7 @@ wrong codes.
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -331,7 +332,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         if not self.scales or any(s < 1 for s in self.scales):
             raise ValueError(f"scales must be positive sizes, got {list(scales)}")
         self.drop_scale_prob = float(drop_scale_prob)
-        self.prefix_lengths = torch.tensor([s * s for s in self.scales]).cumsum(0).tolist()
+        self.prefix_lengths = list(itertools.accumulate(s * s for s in self.scales))
         self.num_ids = self.prefix_lengths[-1]
         self.grid = self.scales[-1]
 

@@ -111,6 +111,9 @@ class TokenizerModule(L.LightningModule):
         load_initial_weights(tokenizer, init_from, objective)
         self.tokenizer = tokenizer
         self.objective = objective
+        prepare = getattr(objective, "prepare", None)
+        if prepare is not None:  # parts the objective derives from the model (TokenFlow's frozen teacher)
+            prepare(tokenizer)
         self.ema = copy.deepcopy(tokenizer).requires_grad_(False).eval() if ema_decay else None
         unknown = sorted(set(schedule or {}) - set(SCHEDULE_KEYS))
         if unknown:
@@ -295,7 +298,10 @@ class TokenizerModule(L.LightningModule):
             return
         if self._code_hist.device != ids.device:
             self._code_hist = self._code_hist.to(ids.device)
-        self._code_hist += torch.bincount(ids.reshape(-1), minlength=self._code_hist.numel())
+        ids = ids.reshape(-1)
+        # Negative ids mark positions without a code (TokenFlow's dropped training scale).
+        self._code_hist += torch.bincount(ids.clamp(min=0), weights=(ids >= 0).float(),
+                                          minlength=self._code_hist.numel()).to(self._code_hist.dtype)
 
     def _codebook_stats(self, step: int) -> dict[str, float]:
         """Usage and perplexity of the codes counted since the last report, every `codebook_log_every` steps
