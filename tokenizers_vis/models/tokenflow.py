@@ -89,6 +89,7 @@ class TokenFlow(Tokenizer):
         `semantic_decoder_grid`: side of its position table (None: the feature grid).
     pixel_channels / pixel_channel_mult / pixel_num_res_blocks / z_channels: the VQGAN CNN encoder;
         decoder_* (None: as the encoder) the decoder ("enhanced": 256 channels, 4 res-blocks).
+        pixel_norm_groups: GroupNorm groups of both (32 official; fewer lets small demos go narrower).
     codebook_size, pixel_weight (w in d_sem + w * d_pix), commitment_weight, codebook_weight.
     scales: the residual scale schedule, last = G. drop_scale_prob: training drops one non-first scale.
     output_size: side of the returned reconstruction (None: image_size).
@@ -112,6 +113,7 @@ class TokenFlow(Tokenizer):
         pixel_channel_mult: Sequence[int] = (1, 1, 2, 2, 4),
         pixel_num_res_blocks: int = 2,
         z_channels: int = 256,
+        pixel_norm_groups: int = 32,
         decoder_channels: int | None = None,
         decoder_channel_mult: Sequence[int] | None = None,
         decoder_num_res_blocks: int | None = None,
@@ -146,7 +148,8 @@ class TokenFlow(Tokenizer):
         self.pixel_downsampling = 2 ** (len(pixel_channel_mult) - 1)
         self.pixel_input_size = self.pixel_downsampling * self.grid
         self.encoder = VQGANEncoder(ch=pixel_channels, ch_mult=tuple(pixel_channel_mult),
-                                    num_res_blocks=pixel_num_res_blocks, z_channels=z_channels)
+                                    num_res_blocks=pixel_num_res_blocks, z_channels=z_channels,
+                                    norm_groups=pixel_norm_groups)
         self.quant_conv = nn.Conv2d(z_channels, pixel_code_dim, 1)
         self.quantize = MultiScaleResidualQuantizer(
             SharedMappingQuantizer(codebook_size, semantic_code_dim, pixel_code_dim, pixel_weight=pixel_weight,
@@ -157,7 +160,7 @@ class TokenFlow(Tokenizer):
         self.decoder = VQGANDecoder(ch=decoder_channels or pixel_channels,
                                     ch_mult=tuple(decoder_channel_mult or pixel_channel_mult),
                                     num_res_blocks=decoder_num_res_blocks or pixel_num_res_blocks,
-                                    z_channels=z_channels)
+                                    z_channels=z_channels, norm_groups=pixel_norm_groups)
         self.semantic_decoder = SemanticDecoder(semantic_code_dim, semantic_decoder_width, semantic_decoder_depth,
                                                 semantic_decoder_heads, semantic_decoder_grid or self.grid)
         self.decode_task_layer = _task_layer(semantic_decoder_width, semantic_decoder_width, semantic_out_dim)
