@@ -48,3 +48,22 @@ def test_interpolation_name_is_checked():
 def test_decode_label():
     assert decode_label({"cls": b"7\n"}) == 7
     assert decode_label({"png": b""}) == -1
+
+
+def test_crop_scale_zooms_into_a_random_square_and_is_seeded():
+    img = _ramp(200, 100)  # the brightness span of a crop tells how wide it was
+    plain = [train_transform(img, 32, random.Random(s), random_flip=False) for s in range(20)]
+    zoomed = [train_transform(img, 32, random.Random(s), random_flip=False, crop_scale=(0.8, 0.8)) for s in range(20)]
+    assert all(z.shape == (3, 32, 32) for z in zoomed)
+    # An 80 px square of a 100 px short side spans 0.8x the ramp width of a 100 px square.
+    span = lambda x: float(x[0, 0, -1] - x[0, 0, 0])  # noqa: E731
+    assert abs(sum(map(span, zoomed)) / sum(map(span, plain)) - 0.8) < 0.03
+    again = train_transform(img, 32, random.Random(3), random_flip=False, crop_scale=(0.8, 1.0))
+    assert torch.equal(again, train_transform(img, 32, random.Random(3), random_flip=False, crop_scale=(0.8, 1.0)))
+
+
+def test_crop_scale_is_checked_by_the_datamodule():
+    from tokenizers_vis.data import ImageDataModule
+
+    with pytest.raises(ValueError, match=r"data.crop_scale must be \[lo, hi\]"):
+        ImageDataModule(train_shards="x", val_shards="y", resolution=32, batch_size=2, crop_scale=[1.0, 0.5])

@@ -94,9 +94,15 @@ class ImageDataModule(L.LightningDataModule):
         val_max_images: int | None = None,
         random_flip: bool = True,
         interpolation: str = "bicubic",
+        crop_scale: Sequence[float] | None = None,
     ):
         super().__init__()
         interpolation_mode(interpolation)  # fail at construction on a typo, not in a worker
+        if crop_scale is not None:
+            crop_scale = tuple(float(v) for v in crop_scale)
+            if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+                raise ValueError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(crop_scale)}")
+        self.crop_scale = crop_scale
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.resolution = resolution
@@ -146,6 +152,7 @@ class ImageDataModule(L.LightningDataModule):
             world_size=world_size,
             random_flip=self.random_flip,
             interpolation=self.interpolation,
+            crop_scale=self.crop_scale,
             skip_counter=self.skip_counter,
             start_epoch=epoch,
         )

@@ -263,6 +263,7 @@ class TrainStream(IterableDataset):
         world_size: int = 1,
         random_flip: bool = True,
         interpolation: str = "bicubic",
+        crop_scale: tuple[float, float] | None = None,
     ):
         super().__init__()
         self.urls = list(urls)
@@ -275,6 +276,7 @@ class TrainStream(IterableDataset):
         self.world_size = world_size
         self.random_flip = random_flip
         self.interpolation = interpolation
+        self.crop_scale = crop_scale
         self.epoch = 0
         self.resume: StreamResume | None = None
 
@@ -348,7 +350,7 @@ class TrainStream(IterableDataset):
         except Exception as exn:
             raise ValueError(f"{_describe(sample)}: {exn}") from exn
         self.tally.ok()
-        image = train_transform(img, self.resolution, rng, self.interpolation, self.random_flip)
+        image = train_transform(img, self.resolution, rng, self.interpolation, self.random_flip, self.crop_scale)
         return {"image": image, "key": sample["__key__"], "label": label}
 
 
@@ -474,6 +476,7 @@ def make_train_loader(
     interpolation: str = "bicubic",
     skip_counter: SkipCounter | None = None,
     start_epoch: int = 0,
+    crop_scale: tuple[float, float] | None = None,
 ) -> TrainLoader:
     """Infinite loader of training batches from shards (see `TrainStream`); its first pass
     uses epoch `start_epoch + 1` (see `TrainLoader.resume_at` to continue a pass instead)."""
@@ -489,6 +492,7 @@ def make_train_loader(
         world_size=world_size,
         random_flip=random_flip,
         interpolation=interpolation,
+        crop_scale=crop_scale,
     )
     stream.epoch = start_epoch
     return TrainLoader(stream, num_workers, skip_counter)

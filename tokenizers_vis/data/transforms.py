@@ -72,8 +72,17 @@ def train_transform(
     rng: random.Random,
     interpolation: str = "bicubic",
     random_flip: bool = True,
+    crop_scale: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Short-side resize to `resolution`, a random `resolution` square, a random h-flip."""
+    """Short-side resize to `resolution`, a random `resolution` square, a random h-flip.
+
+    crop_scale (lo, hi): first a random square whose side is a uniform fraction in [lo, hi] of the
+    short side (TokenFlow's recipe: 0.8-1.0), so training also sees slightly zoomed-in views.
+    """
+    if crop_scale is not None:
+        lo, hi = crop_scale
+        side = max(1, round(min(img.width, img.height) * rng.uniform(lo, hi)))
+        img = F.crop(img, rng.randint(0, img.height - side), rng.randint(0, img.width - side), side, side)
     img = resize_short_side(img, resolution, interpolation)
     top = rng.randint(0, img.height - resolution)
     left = rng.randint(0, img.width - resolution)
