@@ -3,11 +3,13 @@
     python eval/reconstruct.py tokenizer=outputs/demo/checkpoints/last.ckpt data=demo
     python eval/reconstruct.py tokenizer=DIR data='/x/val-{000000..000049}.tar' inception_weights=PATH
     python eval/reconstruct.py tokenizer=DIR data=imagenet devices=8          # 8 processes, one node
+    python eval/reconstruct.py tokenizer=outputs/flextok_demo/checkpoints/last.ckpt data=demo tokens=[1,2,4,8,16]
     torchrun --nproc-per-node 8 eval/reconstruct.py tokenizer=DIR data=imagenet hydra.run.dir=DIR
 
 Writes `<output_dir>/metrics.json` and `<output_dir>/grid.png` (conf/eval.yaml; the logic is
-tokenizers_vis/evaluation.py). Exits non-zero when strict_fid / strict_lpips is set and the
-weights are missing.
+tokenizers_vis/evaluation.py); with several token counts (`tokens=[1,2,4,8,16]`, variable-length
+tokenizers) also `per_k.png` (metrics against the count) and `k_grid.png` (images decoded at
+each). Exits non-zero when strict_fid / strict_lpips is set and the weights are missing.
 """
 
 import sys

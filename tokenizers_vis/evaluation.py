@@ -1,5 +1,8 @@
 """Reconstruction evaluation of any tokenizer on any image set: rFID, PSNR, SSIM, LPIPS and
 codebook usage, written as `metrics.json` plus `grid.png` (originals above reconstructions).
+With more than one token count (variable-length tokenizers, `tokens=[1, 2, 4, ...]`) also
+`per_k.png` (each metric against the number of tokens) and `k_grid.png` (a few images decoded
+at each count, next to the original).
 
 - `evaluate_reconstruction(tokenizer, loader, metrics)`: the loop, usable from Python with any
   `ReconstructionMetrics` (tests inject a small feature network for FID).
@@ -37,7 +40,9 @@ from tokenizers_vis.metrics.distributed import all_reduce_sum
 
 __all__ = [
     "GRID_FILE",
+    "K_GRID_FILE",
     "METRICS_FILE",
+    "PER_K_PLOT_FILE",
     "Processes",
     "evaluate_reconstruction",
     "json_ready",
@@ -47,12 +52,18 @@ __all__ = [
     "setup_processes",
     "token_counts",
     "write_grid",
+    "write_k_grid",
+    "write_per_k_plot",
 ]
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 GRID_FILE = "grid.png"
+PER_K_PLOT_FILE = "per_k.png"
+K_GRID_FILE = "k_grid.png"
+# Metrics drawn in per_k.png, in panel order, when measured (None / non-finite values are left out).
+PER_K_METRICS = {"psnr": "PSNR (dB)", "rfid": "rFID", "ssim": "SSIM", "lpips": "LPIPS"}
 # Autocast dtype around encode/decode, by Lightning's precision names; metrics stay float32/64.
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16}
 # How PSNR/SSIM are measured (tokenizers_vis/metrics/image.py), recorded in every metrics.json.
@@ -149,6 +160,8 @@ def evaluate_reconstruction(
     precision: str = "32",
     grid_path: str | os.PathLike | None = None,
     grid_images: int = 8,
+    k_grid_path: str | os.PathLike | None = None,
+    k_grid_images: int = 4,
     progress: bool = True,
     total: int | None = None,
 ) -> dict[str, Any]:
@@ -165,6 +178,8 @@ def evaluate_reconstruction(
         device: where to run; default the tokenizer's device.
         precision: "32" or "bf16-mixed" (autocast around encode/decode only).
         grid_path: rank 0 writes its first `grid_images` originals above their reconstructions here.
+        k_grid_path: with more than one token count, rank 0 writes its first `k_grid_images`
+            images here, one per row: the original, then the decode at each count (`write_k_grid`).
         progress: tqdm bar (rank 0) counting images; `total` is this rank's image count if known.
 
     Returns:
@@ -190,6 +205,11 @@ def evaluate_reconstruction(
     grid_real: list[Tensor] = []
     grid_recon: list[Tensor] = []
     kept = 0
+    # k_grid: per token count, the decodes of the first images (the originals are grid_real's source).
+    want_k_grid = k_grid_path is not None and rank == 0 and len(counts) > 1 and k_grid_images > 0
+    k_real: list[Tensor] = []
+    k_recon: dict[int, list[Tensor]] = {k: [] for k in counts}
+    k_kept = 0
     was_training = tokenizer.training
     tokenizer.eval()
     bar = tqdm(total=total, unit="img", desc="reconstruct", disable=not progress or rank != 0, dynamic_ncols=True)
@@ -209,6 +229,13 @@ def evaluate_reconstruction(
                 grid_real.append(images[:take].float().cpu())
                 grid_recon.append(quantize(recon[:take].float()).cpu())  # what the metrics saw
                 kept += grid_real[-1].shape[0]
+            if want_k_grid and k_kept < k_grid_images:
+                take = k_grid_images - k_kept
+                k_real.append(images[:take].float().cpu())
+                for k in counts:
+                    decoded = recon if k == full else recon_k[k]
+                    k_recon[k].append(quantize(decoded[:take].float()).cpu())
+                k_kept += k_real[-1].shape[0]
             bar.update(images.shape[0])
     finally:
         bar.close()
@@ -219,6 +246,8 @@ def evaluate_reconstruction(
         result["tokens"] = {k: dict(result) if k == full else per_length[k].compute() for k in counts}
     if grid_real:
         write_grid(torch.cat(grid_real), torch.cat(grid_recon), grid_path)
+    if k_real:
+        write_k_grid(torch.cat(k_real), {k: torch.cat(v) for k, v in k_recon.items()}, k_grid_path)
     return result
 
 
@@ -233,6 +262,81 @@ def write_grid(originals: Tensor, reconstructions: Tensor, path: str | os.PathLi
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(reconstruction_grid(originals, reconstructions), path)
     return path
+
+
+# Height of the label strip above the columns of k_grid.png (PIL's built-in bitmap font is ~11 px).
+K_GRID_LABEL_HEIGHT = 14
+
+
+def write_k_grid(originals: Tensor, decoded: Mapping[int, Tensor], path: str | os.PathLike,
+                 padding: int = 2) -> Path:
+    """One PNG: a row per image, the original then its decode at each token count (ascending),
+    2 px white padding, under a label strip naming the columns ("original", "k=1", ...), so one
+    sees the reconstructions sharpen left to right. Size: width (1 + K) * W + (2 + K) * padding,
+    height K_GRID_LABEL_HEIGHT + n * H + (n + 1) * padding."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+
+    counts = sorted(decoded)
+    n, _, h, w = originals.shape
+    # Row-major: each row is one image's [original, k_1, ..., k_K].
+    tiles = torch.stack([originals.float().cpu(), *(decoded[k].float().cpu() for k in counts)], dim=1)
+    grid = make_grid(tiles.flatten(0, 1).clamp(0, 1), nrow=1 + len(counts), padding=padding, pad_value=1.0)
+    body = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    canvas = Image.new("RGB", (body.width, body.height + K_GRID_LABEL_HEIGHT), "white")
+    canvas.paste(body, (0, K_GRID_LABEL_HEIGHT))
+    draw = ImageDraw.Draw(canvas)
+    for column, label in enumerate(["original", *(f"k={k}" for k in counts)]):
+        # Narrow columns (small images) get the short label.
+        if column == 0 and draw.textlength(label) > w:
+            label = "orig"
+        draw.text((padding + column * (w + padding), 1), label, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def write_per_k_plot(per_k: Mapping[Any, Mapping[str, Any]], path: str | os.PathLike,
+                     title: str | None = None) -> list[str]:
+    """`per_k.png`: one panel per measured metric (PSNR, then rFID, SSIM, LPIPS when present)
+    against the number of tokens on a log2 axis. `per_k` is the `"tokens"` entry of the metrics
+    ({k: metrics}); metrics that are None or non-finite at every k are left out (a non-finite
+    value at one k is left out of its line). Returns the names of the metrics drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = sorted(int(k) for k in per_k)
+    by_k = {int(k): v for k, v in per_k.items()}
+
+    def finite(value: Any) -> float | None:
+        value = json_ready(value)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    series = {}
+    for name in PER_K_METRICS:
+        points = [(k, finite(by_k[k].get(name))) for k in counts]
+        points = [(k, v) for k, v in points if v is not None]
+        if points:
+            series[name] = points
+    # Agg canvas on a bare Figure: no pyplot state, no display needed.
+    fig = Figure(figsize=(3.6 * max(len(series), 1), 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (name, points) in enumerate(series.items()):
+        ax = fig.add_subplot(1, len(series), i + 1)
+        ax.plot([k for k, _ in points], [v for _, v in points], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(k) for k in counts])
+        ax.minorticks_off()
+        ax.set_xlabel("number of tokens")
+        ax.set_title(PER_K_METRICS[name])
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return list(series)
 
 
 def json_ready(value: Any, notes: dict[str, str] | None = None, key: str = "") -> Any:
@@ -435,6 +539,8 @@ def run_evaluation(cfg: Mapping, conf_dir: str | os.PathLike | None = None) -> d
             precision=precision,
             grid_path=output_dir / GRID_FILE,
             grid_images=int(cfg.get("grid_images", 8)),
+            k_grid_path=output_dir / K_GRID_FILE,
+            k_grid_images=int(cfg.get("k_grid_images", 4)),
             progress=bool(cfg.get("progress", True)),
             total=expected_images(source, max_images, processes.rank, processes.world_size),
         )
@@ -459,7 +565,11 @@ def run_evaluation(cfg: Mapping, conf_dir: str | os.PathLike | None = None) -> d
         if processes.rank == 0:
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            log.info("wrote %s and %s:\n%s", output_dir / METRICS_FILE, output_dir / GRID_FILE,
+            written = [output_dir / METRICS_FILE, output_dir / GRID_FILE]
+            if len(counts) > 1:
+                write_per_k_plot(record["tokens"], output_dir / PER_K_PLOT_FILE, title=str(cfg.tokenizer))
+                written += [output_dir / PER_K_PLOT_FILE, output_dir / K_GRID_FILE]
+            log.info("wrote %s:\n%s", ", ".join(map(str, written)),
                      json.dumps({k: record[k] for k in results}, indent=2))
         return record
     finally:

@@ -49,28 +49,27 @@ def _psnr(a, b):
     return float((10 * torch.log10(1 / ((a - b) ** 2).flatten(1).mean(1))).mean())
 
 
-STEPS = 500
+STEPS = 2000
 
 
 @pytest.mark.slow
-def test_tiny_flextok_overfits_demo_images(tmp_path):
-    """Flow loss falls to under 0.3x its start and every k decodes to an image (measured: 1.20 -> 0.22
-    after 500 steps, PSNR 11.8 dB at k = 1, 4 and 16). The decoder does not yet use the registers
-    at this length: PSNR(k=16) > PSNR(k=1) needs a longer run than a test can afford on CPU."""
-    import hydra
-
-    from tokenizers_vis.data import ensure_demo_shards
+def test_tiny_flextok_overfits_demo_images_and_more_tokens_decode_better(tmp_path):
+    """Flow loss falls, and decoding all 8 registers beats decoding the first one, on the training
+    images (measured: loss 1.17 -> 0.14, PSNR 16.0 dB at k = 1, 18.0 at k = 2, 18.2 at k = 8; ~3 min
+    single-threaded on 2 busy cores). FSQ [8, 5] (40 codes): with the released 64,000 codes one
+    token names almost each of 64 images and the decoder memorises them from it (k = 1 and k = 8 were
+    0.9 dB apart); with 40, the first token names a group and the later ones the image."""
+    from tokenizers_vis.data import ensure_demo_shards, make_eval_loader
 
     ensure_demo_shards(tmp_path / "demo", num_train=64, num_val=16, shard_size=32)
-    cfg = compose_train(["experiment=flextok_demo", "data.num_workers=0", "data.batch_size=8",
-                         "data.resolution=32"], tmp_path / "unused", data_dir=tmp_path)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.setup("fit")
-    images = next(iter(datamodule.train_dataloader()))["image"][:8]
+    loader = make_eval_loader(f"{tmp_path}/demo/train-{{000000..000001}}.tar", 16, batch_size=64)
+    images = next(iter(loader))["image"]
+    assert images.shape == (64, 3, 16, 16)
     torch.manual_seed(0)
-    tok = FlexTok(image_size=32, vae=None, patch_size=4, num_registers=16, encoder_width=64, encoder_depth=2,
-                  encoder_heads=2, decoder_width=64, decoder_depth=2, decoder_heads=2, cond_dropout=0.0,
-                  nested_dropout="pow2", sample_steps=10, guidance_scale=1.0)
+    # 4 x 4 patches (48 values) under a 64-wide decoder, which passes the flow noise through.
+    tok = FlexTok(image_size=16, vae=None, patch_size=4, num_registers=8, encoder_width=64, encoder_depth=2,
+                  encoder_heads=2, decoder_width=64, decoder_depth=2, decoder_heads=2, levels=[8, 5],
+                  cond_dropout=0.0, nested_dropout="pow2", sample_steps=10, guidance_scale=1.0)
     objective = FlowMatchingObjective()
     optimizer = torch.optim.AdamW(tok.parameters(), lr=2e-3, weight_decay=0.0)
     losses = []
@@ -81,10 +80,10 @@ def test_tiny_flextok_overfits_demo_images(tmp_path):
         torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-    assert sum(losses[-20:]) / 20 < 0.3 * sum(losses[:10]) / 10
+    assert sum(losses[-20:]) / 20 < 0.2 * sum(losses[:10]) / 10
     tok.eval()
     with torch.no_grad():
         encoded = tok.encode(images)
-        psnr = {k: _psnr(tok.decode(encoded, num_tokens=k).clamp(0, 1), images) for k in (1, 4, 16)}
-    assert min(psnr.values()) > 10.0, psnr
-
+        psnr = {k: _psnr(tok.decode(encoded, num_tokens=k).clamp(0, 1), images) for k in (1, 2, 8)}
+    assert psnr[8] > psnr[1] + 1.0 and psnr[2] > psnr[1], psnr
+    assert psnr[1] > 12.0, psnr  # images, not noise, at every k

@@ -112,6 +112,16 @@ class FrozenVAE(FrozenModule):
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
         self._freeze()
 
+    def rebuild_arguments(self) -> dict[str, Any]:
+        """Arguments that rebuild this VAE's architecture without its source (`pretrained: None`,
+        the full AutoencoderKL config, the scaling in use): what a saved tokenizer records, as its
+        weights travel in the tokenizer's own state_dict."""
+        import inspect
+
+        accepted = inspect.signature(type(self.model).__init__).parameters
+        config = {k: v for k, v in self.model.config.items() if k in accepted and not k.startswith("_")}
+        return {"pretrained": None, "config": config, "scaling_factor": self.scaling_factor, "subfolder": None}
+
     def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the posterior, unscaled."""
         dist = self.model.encode(images).latent_dist
