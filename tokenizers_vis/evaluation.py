@@ -89,9 +89,13 @@ def token_counts(tokens: int | Sequence[int] | None, tokenizer: nn.Module) -> li
     values = [tokens] if isinstance(tokens, (int, str)) else list(tokens)
     full = int(tokenizer.num_tokens)
     counts = sorted({int(v) for v in values})
+    allowed = getattr(tokenizer, "token_prefixes", None)  # multi-scale models: whole scales only
     for k in counts:
         if not 1 <= k <= full:
             raise ValueError(f"tokens={k} is outside 1..{full} (the tokenizer's num_tokens)")
+        if allowed is not None and k not in allowed:
+            raise ValueError(f"tokens={k} is not a prefix of whole scales of this {type(tokenizer).__name__}; "
+                             f"choose from {list(allowed)}")
         if k != full and not is_variable_length(tokenizer):
             raise ValueError(
                 f"{type(tokenizer).__name__} is a fixed-length tokenizer ({full} tokens per image), so tokens={k} "

@@ -121,3 +121,27 @@ def test_teacher_starts_equal_to_the_semantic_tower_and_distillation_is_zero_at_
     loss.backward()
     assert model.encode_task_layer[0].weight.grad is not None
     assert model.semantic_decoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_decode_num_tokens_keeps_a_prefix_of_whole_scales(model):
+    encoded = model.encode(images())
+    assert model.token_prefixes == [1, 5, 21]
+    assert torch.equal(model.decode(encoded, num_tokens=5), model.decode(encoded.ids[:, :5]))
+    assert torch.equal(model.decode(encoded, num_tokens=21), model.decode(encoded.ids))
+    with pytest.raises(ValueError, match=r"not a count of whole scales; choose one of \[1, 5, 21\]"):
+        model.decode(encoded, num_tokens=4)
+
+
+def test_evaluation_measures_each_scale_prefix(model, tmp_path):
+    from tokenizers_vis.evaluation import evaluate_reconstruction, metrics_factory, token_counts
+
+    with pytest.raises(ValueError, match="not a prefix of whole scales"):
+        token_counts([1, 4], model)
+    loader = [{"image": images(4, seed=s)} for s in range(2)]
+    factory, _ = metrics_factory(model.codebook_size, fid=False, lpips=False)
+    results = evaluate_reconstruction(model, loader, factory, tokens=[1, 5, 21], progress=False,
+                                      k_grid_path=tmp_path / "k_grid.png")
+    psnr = {int(k): v["psnr"] for k, v in results["tokens"].items()}
+    assert set(psnr) == {1, 5, 21} and (tmp_path / "k_grid.png").is_file()
+    assert results["tokens"][21]["psnr"] == pytest.approx(results["psnr"])  # all ids = the plain decode

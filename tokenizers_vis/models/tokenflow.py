@@ -173,6 +173,11 @@ class TokenFlow(Tokenizer):
     def scales(self) -> list[int]:
         return list(self.quantize.scales)
 
+    @property
+    def token_prefixes(self) -> list[int]:
+        """The id counts `decode` accepts: whole scales from the coarsest (1, 5, 21, ... for 1, 2, 4, ...)."""
+        return list(self.quantize.prefix_lengths)
+
     def id_layout(self) -> list[tuple[int, int, int]]:
         """(scale side s, first id position, count s^2) per scale, in the order ids are laid out."""
         starts = [0, *self.quantize.prefix_lengths[:-1]]
@@ -253,10 +258,19 @@ class TokenFlow(Tokenizer):
         """(B, G*G, semantic_out_dim) teacher-space features from quantized features."""
         return self.decode_task_layer(self.semantic_decoder(quantized[:, : self.semantic_code_dim]))
 
-    def decode(self, encoded: Encoded | torch.Tensor, **sampling) -> torch.Tensor:
-        """Pixels on the [0, 1] scale (unclamped)."""
+    def decode(self, encoded: Encoded | torch.Tensor, num_tokens: int | None = None, **sampling) -> torch.Tensor:
+        """Pixels on the [0, 1] scale (unclamped). `num_tokens` keeps only the first ids (a count in
+        `token_prefixes`: whole scales, coarse to fine), so evaluation can measure each prefix."""
         if sampling:
             raise ValueError(f"TokenFlow decoding is deterministic and takes no options, got {sorted(sampling)}")
+        if num_tokens is not None:
+            ids = encoded.ids if isinstance(encoded, Encoded) else encoded
+            if ids is None or ids.is_floating_point():
+                raise ValueError("num_tokens needs token ids, not continuous latents")
+            if num_tokens not in self.token_prefixes:
+                raise ValueError(f"num_tokens={num_tokens} is not a count of whole scales; "
+                                 f"choose one of {self.token_prefixes}")
+            encoded = ids[:, :num_tokens]
         return (self.decode_pixels(self.quantized_from(encoded)) + 1) / 2
 
     def semantic_features(self, encoded: Encoded | torch.Tensor) -> torch.Tensor:
