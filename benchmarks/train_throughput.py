@@ -53,6 +53,8 @@ CPU_SWEEP: list[tuple[str, list[str]]] = [
     # The full one-stage objective: ConvNeXt-S runs at 224 px whatever the image size.
     ("titok_b tiny, GAN+LPIPS+ConvNeXt", ["--experiment", "titok_b", "--tiny", "--resolution", "64",
                                           "--batch", "4", "--steps", "3", "--warmup", "1"]),
+    # TokenFlow: CLIP tower + VQGAN CNN + multi-scale shared-mapping quantizer + distillation teacher.
+    ("tokenflow_demo", ["--experiment", "tokenflow_demo", "--resolution", "64", "--steps", "5", "--warmup", "1"]),
 ]
 
 # `--sweep gpu`: the released sizes at 256 px on one GPU, and the speed switches on one of them.
