@@ -145,3 +145,52 @@ def test_evaluation_measures_each_scale_prefix(model, tmp_path):
     psnr = {int(k): v["psnr"] for k, v in results["tokens"].items()}
     assert set(psnr) == {1, 5, 21} and (tmp_path / "k_grid.png").is_file()
     assert results["tokens"][21]["psnr"] == pytest.approx(results["psnr"])  # all ids = the plain decode
+
+
+def test_saved_model_records_its_tower_by_architecture_and_keeps_the_teacher_source(tmp_path):
+    spec = {"kind": "openai_clip", "pretrained": str(tmp_path / "clip.pt"), "config": {"heads": 2}, "seed": 0}
+    tower = tiny().build_teacher()  # a CLIP tower with its projection, saved as a "pretrained" file
+    torch.save(tower.model.state_dict(), tmp_path / "clip.pt")
+    model = tiny(semantic_encoder=spec).eval()
+    assert model.config["semantic_encoder"]["pretrained"] is None
+    assert model.config["teacher"] == spec
+    save_pretrained(model, tmp_path / "tok")
+    (tmp_path / "clip.pt").unlink()  # the source is gone: the saved model must not need it
+    loaded = load_tokenizer(tmp_path / "tok")
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x).ids, model.encode(x).ids)
+    assert loaded.teacher_spec == spec
+
+
+@pytest.mark.parametrize("kind", ["openai_clip", "siglip", "timm"])
+def test_every_tower_kind_round_trips_through_save_and_load(kind, tmp_path):
+    model = tiny(image_size=64, semantic_encoder={"kind": kind, "tiny": True}, semantic_out_dim=16,
+                 pixel_channel_mult=(1, 1, 1, 1, 1)).eval()
+    save_pretrained(model, tmp_path / kind)
+    loaded = load_tokenizer(tmp_path / kind)
+    assert loaded.config["semantic_encoder"]["kind"] == kind
+    x = images(size=64)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x).ids, model.encode(x).ids)
+        assert torch.equal(loaded.semantic_features(model.encode(x).ids), model.semantic_features(model.encode(x).ids))
+
+
+def test_every_trainable_parameter_gets_a_gradient_without_distillation():
+    """DDP (no unused-parameter search) needs a gradient on every trainable parameter, also when
+    the objective has no distillation term."""
+    from tokenizers_vis.losses import ReconstructionObjective
+
+    model = tiny().train()
+    objective = ReconstructionObjective(lpips_weight=0.0, gan_weight=0.0, discriminator=None)
+    loss, _, _ = objective(model, images(), step=0)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+
+
+def test_training_mode_ids_with_a_dropped_scale_are_refused_clearly():
+    model = tiny(drop_scale_prob=1.0).train()
+    ids = model.encode(images()).ids
+    with pytest.raises(ValueError, match="encode in eval mode"):
+        model.decode(ids)

@@ -190,3 +190,15 @@ def test_official_folder_errors_are_clear(tmp_path):
     torch.save({"optimizer": {"lr": 1}}, tmp_path / WEIGHTS_NAME)
     with pytest.raises(ValueError, match="holds no TokenFlow state dict"):
         load_tokenizer(tmp_path)
+
+
+def test_checkpoints_that_also_hold_the_training_args_load(fixture_dir, tmp_path):
+    import argparse
+    import shutil
+
+    folder, state, io, _, _ = _case(fixture_dir, "tiny_clipb")
+    shutil.copy(folder / ARGS_NAME, tmp_path / ARGS_NAME)
+    torch.save({"ema": state, "args": argparse.Namespace(lr=1e-4)}, tmp_path / WEIGHTS_NAME)
+    tok = load_tokenizer(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(tok.encode(_images01(io)).ids, io["encode.ids"])

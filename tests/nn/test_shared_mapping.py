@@ -238,3 +238,25 @@ def test_build_quantizer_shared_mapping():
     assert isinstance(q, SharedMappingQuantizer) and q.codebook_size == 64
     with pytest.raises(ValueError, match="40 wide, not 41"):
         build_quantizer("shared_mapping", 41, codebook_size=64)
+
+
+def test_residual_carries_no_gradient_between_scales():
+    """Each scale's losses reach the input only through that scale's own straight-through codes: the
+    residual handed to the next scale is detached, as in the official loop."""
+    torch.manual_seed(0)
+    msq = MultiScaleResidualQuantizer(SharedMappingQuantizer(32, 4, 2), scales=[1, 2, 4])
+    h = torch.randn(2, 6, 4, 4, requires_grad=True)
+    total, _, aux = msq(h)
+    (total.square().sum() + aux["loss"]).backward()
+
+    reference = h.detach().clone().requires_grad_(True)  # the official loop, written out
+    residual, out, losses = reference, 0, []
+    for s in (1, 2, 4):
+        x = residual if s == 4 else F.interpolate(residual, size=(s, s), mode="area")
+        z_q, _, aux_s = msq.quantizer(x.permute(0, 2, 3, 1))
+        up = z_q.permute(0, 3, 1, 2)
+        up = up if s == 4 else F.interpolate(up, size=(4, 4), mode="bicubic", align_corners=False)
+        out, residual = out + up, residual - up.detach()
+        losses.append(aux_s["loss"])
+    (out.square().sum() + torch.stack(losses).mean()).backward()
+    assert torch.allclose(h.grad, reference.grad, atol=1e-6)

@@ -58,8 +58,8 @@ class DistillationObjective(ReconstructionObjective):
 
     def forward(self, model: nn.Module, images: torch.Tensor, step: int):
         loss, logs, output = super().forward(model, images, step)
-        if self.distill_weight > 0:
-            predicted = output.encoded.extras["semantic"]
+        predicted = output.encoded.extras.get("semantic")  # None: the semantic branch is frozen (stage 2)
+        if self.distill_weight > 0 and predicted is not None:
             target = self.teacher(model, images.device)(model.semantic_input(images), model.grid)
             if target.shape != predicted.shape:
                 raise ValueError(f"the teacher gives features {tuple(target.shape)} but the model predicts "

@@ -19,6 +19,7 @@ clamp to [-1, 1]). Ids are laid out scale by scale (coarse to fine), row-major i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizers_vis.models.base import Encoded, ModelOutput, Tokenizer, register_tokenizer
+from tokenizers_vis.models.base import Encoded, ModelOutput, Tokenizer, _plain, register_tokenizer
 from tokenizers_vis.nn.cnn import VQGANDecoder, VQGANEncoder
 from tokenizers_vis.nn.quantizers import MultiScaleResidualQuantizer, SharedMappingQuantizer
 from tokenizers_vis.nn.transformer import PatchEmbed, Transformer, embedding_parameter, interpolate_position_table
@@ -46,7 +47,8 @@ class SemanticDecoder(nn.Module):
 
     The official blocks have q and v biases but no k bias. A bias on k adds the same q.b to every
     logit of a query, which softmax ignores, so our shared block's packed qkv bias with a zero k
-    part computes exactly the official attention, and its gradient on the k part is exactly zero.
+    part computes exactly the official attention; its gradient on the k part is zero up to
+    rounding, and whatever it drifts to changes nothing (the official export drops it).
     The position table covers a `table_grid` square and is interpolated (the official way) when the
     code grid differs.
     """
@@ -90,10 +92,13 @@ class TokenFlow(Tokenizer):
     pixel_channels / pixel_channel_mult / pixel_num_res_blocks / z_channels: the VQGAN CNN encoder;
         decoder_* (None: as the encoder) the decoder ("enhanced": 256 channels, 4 res-blocks).
         pixel_norm_groups: GroupNorm groups of both (32 official; fewer lets small demos go narrower).
-    codebook_size, pixel_weight (w in d_sem + w * d_pix), commitment_weight, codebook_weight.
+    codebook_size, pixel_distance_weight (w in d_sem + w * d_pix), commitment_weight, codebook_weight.
     scales: the residual scale schedule, last = G. drop_scale_prob: training drops one non-first scale.
     output_size: side of the returned reconstruction (None: image_size).
     trainable: "all", or "pixel_decoder" (stage 2: only post_quant_conv and the CNN decoder train).
+    teacher: where the frozen distillation teacher comes from (None: the semantic_encoder spec). A
+        saved model records its tower by architecture (its weights travel in the state_dict, so it
+        reloads offline) and keeps the pretrained source here.
     """
 
     model_type = "tokenflow"
@@ -118,19 +123,21 @@ class TokenFlow(Tokenizer):
         decoder_channel_mult: Sequence[int] | None = None,
         decoder_num_res_blocks: int | None = None,
         codebook_size: int = 32768,
-        pixel_weight: float = 1.0,
+        pixel_distance_weight: float = 1.0,
         commitment_weight: float = 0.25,
         codebook_weight: float = 1.0,
         scales: Sequence[int] = (1, 2, 4, 6, 8, 10, 12, 14, 16),
         drop_scale_prob: float = 0.1,
         output_size: int | None = None,
         trainable: str = "all",
+        teacher: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
         spec = dict(semantic_encoder or {"kind": "openai_clip", "pretrained": "ViT-B-16/openai"})
         self.semantic_encoder_spec = spec
+        self.teacher_spec = dict(teacher or spec)
         self.image_size = image_size
         self.output_size = output_size or image_size
         self.semantic_code_dim, self.pixel_code_dim = semantic_code_dim, pixel_code_dim
@@ -152,7 +159,7 @@ class TokenFlow(Tokenizer):
                                     norm_groups=pixel_norm_groups)
         self.quant_conv = nn.Conv2d(z_channels, pixel_code_dim, 1)
         self.quantize = MultiScaleResidualQuantizer(
-            SharedMappingQuantizer(codebook_size, semantic_code_dim, pixel_code_dim, pixel_weight=pixel_weight,
+            SharedMappingQuantizer(codebook_size, semantic_code_dim, pixel_code_dim, pixel_weight=pixel_distance_weight,
                                    commitment_weight=commitment_weight, codebook_weight=codebook_weight),
             scales, drop_scale_prob=drop_scale_prob)
         self.num_tokens = self.quantize.num_ids
@@ -243,6 +250,9 @@ class TokenFlow(Tokenizer):
         if encoded.shape[1] not in self.quantize.prefix_lengths:
             raise ValueError(f"expected {self.num_tokens} ids (scales {self.scales}) or a prefix of whole scales "
                              f"({self.quantize.prefix_lengths}), got {encoded.shape[1]}")
+        if encoded.numel() and int(encoded.min()) == -1:
+            raise ValueError("ids of -1 mark the scale a training-mode encode dropped; encode in eval mode "
+                             "(tok.eval()) to get ids to decode")
         self.check_ids(encoded)
         return self.quantize.embed(encoded)
 
@@ -280,11 +290,17 @@ class TokenFlow(Tokenizer):
     def forward(self, images: torch.Tensor) -> ModelOutput:
         encoded = self.encode(images)
         quantized = self._grid(encoded.latents)
-        encoded.extras["semantic"] = self.decode_semantic(quantized)
         aux = encoded.extras["aux"]
+        aux_loss = aux["loss"]
+        if self.trainable == "all":  # stage 2 freezes the semantic branch: nothing to predict
+            semantic = self.decode_semantic(quantized)
+            encoded.extras["semantic"] = semantic
+            # Zero, but it keeps the semantic decoder in the graph when the objective has no
+            # distillation term: DDP expects a gradient for every trainable parameter.
+            aux_loss = aux_loss + 0.0 * semantic.float().mean()
         logs = {f"quantizer/{k}": v.detach() for k, v in aux.items() if k != "loss"}
         reconstruction = (self.decode_pixels(quantized) + 1) / 2
-        return ModelOutput(reconstruction=reconstruction, aux_loss=aux["loss"], logs=logs, encoded=encoded)
+        return ModelOutput(reconstruction=reconstruction, aux_loss=aux_loss, logs=logs, encoded=encoded)
 
     # -- training hooks ----------------------------------------------------------------------------
     def last_layer_weight(self) -> torch.Tensor:
@@ -297,7 +313,28 @@ class TokenFlow(Tokenizer):
     def build_teacher(self) -> nn.Module:
         """A fresh copy of the pretrained tower this model started from (random weights: the same
         seed), with its output projection: the frozen source of distillation targets."""
-        return build_seeded_tower(self.semantic_encoder_spec, teacher=True)
+        return build_seeded_tower(self.teacher_spec, teacher=True)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the transformer activations in backward (the pixel CNN keeps its own)."""
+        self.semantic_decoder.transformer.gradient_checkpointing = enabled
+        tower = self.semantic_encoder.model
+        if hasattr(tower, "set_grad_checkpointing"):  # open_clip and timm towers
+            tower.set_grad_checkpointing(enabled)
+        elif enabled:
+            warnings.warn(f"gradient checkpointing is not available for the {type(tower).__name__} tower; "
+                          "only the semantic decoder recomputes its activations", stacklevel=2)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The architecture config, with the semantic tower recorded by architecture instead of its
+        pretrained source: a saved or exported TokenFlow rebuilds offline without the teacher's
+        weights, and `teacher` keeps the source for distillation."""
+        config = super().config
+        seed = self.semantic_encoder_spec.get("seed", 0)
+        config["semantic_encoder"] = _plain({**self.semantic_encoder.rebuild_arguments(), "seed": seed})
+        config["teacher"] = _plain(self.teacher_spec)
+        return config
 
 
 # `tiny: true` in a semantic_encoder spec: a random 64 px tower of the same kind (4 x 4 grid, 16-d

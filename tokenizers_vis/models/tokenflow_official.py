@@ -29,6 +29,7 @@ official layout. Released files (when online) are named in `RELEASED`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -90,6 +91,7 @@ def tokenflow_config(args: Mapping[str, Any], overrides: Mapping[str, Any] | Non
         if "input_resolution" in clip:
             clip["image_size"] = clip.pop("input_resolution")
         semantic_encoder = {"kind": "openai_clip", "pretrained": None, "config": clip}
+        teacher = {"kind": "openai_clip", "pretrained": "ViT-B-16/openai"}
         default_scales = facts["scales_interpolated" if args.get("infer_interpolate") else "scales"]
         scales = list(overrides.get("scale_rq_layers") or default_scales)
         image_size = scales[-1] * clip["patch_size"]
@@ -97,6 +99,7 @@ def tokenflow_config(args: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     else:
         siglip = {**SIGLIP_SO400M, **dict(tower.get("config") or {})}
         semantic_encoder = {"kind": "siglip", "pretrained": None, "config": siglip}
+        teacher = {"kind": "siglip", "pretrained": "google/siglip-so400m-patch14-384"}
         scales = list(overrides.get("scale_rq_layers") or facts["scales"])
         image_size = siglip["image_size"]
         vit_width = vit.get("embed_dim", facts["vit_width"])
@@ -129,6 +132,9 @@ def tokenflow_config(args: Mapping[str, Any], overrides: Mapping[str, Any] | Non
         "commitment_weight": args.get("commit_loss_beta", 0.25),
         "scales": scales,
         "output_size": facts.get("output_size"),
+        # The tower's weights come from the checkpoint; distillation (fine-tuning) needs the real
+        # teacher, except for shrunken test models, whose teacher is their own random tower.
+        "teacher": None if tower else teacher,
     }
 
 
@@ -220,7 +226,10 @@ def load_official_tokenflow(directory: str | os.PathLike, weights: str | None = 
         if len(candidates) != 1:
             raise FileNotFoundError(f"{directory} has {ARGS_NAME} but no {WEIGHTS_NAME} (found .pt files: {candidates})")
         path = directory / candidates[0]
-    state = _unwrap(torch.load(path, map_location="cpu", weights_only=True), str(path))
+    # Official checkpoints may also hold the training `args` (an argparse.Namespace): allow that one
+    # class, nothing else, when unpickling.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = _unwrap(torch.load(path, map_location="cpu", weights_only=True), str(path))
     model = TokenFlow(**tokenflow_config(args, overrides))
     try:
         model.load_state_dict(convert_official_state(state), strict=True)
@@ -260,6 +269,8 @@ def released_folder(filename: str, cache_dir: str | os.PathLike) -> Path:
                       f"folder with an {ARGS_NAME} instead.") from err
     (folder / ARGS_NAME).write_text(json.dumps(RELEASED[filename], indent=2))
     target = folder / WEIGHTS_NAME
+    if target.is_symlink() and not target.exists():  # a stale link to an emptied cache
+        target.unlink()
     if not target.exists():
         target.symlink_to(weights)
     return folder

@@ -234,8 +234,9 @@ class SharedMappingQuantizer(Quantizer):
     statistics "d_semantic" / "d_pixel": mean squared distance of each half to its chosen code.
     """
 
-    # Rows of the distance matrix computed at once: bounds its memory to ~256 MiB at 32768 entries.
-    max_distance_elements = 1 << 26
+    # Entries of the (rows x codebook) distance matrix computed at once: a few float32 temporaries
+    # of this size (64 MiB each) are alive together, about 256 MiB at the peak.
+    max_distance_elements = 1 << 24
 
     def __init__(
         self,
@@ -256,6 +257,12 @@ class SharedMappingQuantizer(Quantizer):
         self.codebook_weight = codebook_weight
         self.semantic_codebook = nn.Embedding(codebook_size, semantic_dim)
         self.pixel_codebook = nn.Embedding(codebook_size, pixel_dim)
+        # Unit rows from the start (official init: uniform(-1/K, 1/K), then normalised): every use
+        # normalises them, and rows far from unit length would turn slower under Adam.
+        with torch.no_grad():
+            for table in (self.semantic_codebook, self.pixel_codebook):
+                table.weight.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+                table.weight.copy_(F.normalize(table.weight, dim=-1))
 
     def codebooks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised (semantic, pixel) codebooks, float32."""
@@ -379,7 +386,9 @@ class MultiScaleResidualQuantizer(nn.Module):
                 z_q, ids_s, aux_s = self.quantizer(x.permute(0, 2, 3, 1))
                 up = self._upsample(z_q.permute(0, 3, 1, 2))
                 total = total + up
-                residual = residual - up
+                # The residual is the target of the next scale, not a path for gradients: as in the
+                # official loop, later scales' losses must not reach back through this one's codes.
+                residual = residual - up.detach()
                 ids.append(ids_s.reshape(h.shape[0], s * s).long())
                 for name, value in aux_s.items():
                     terms.setdefault(name, []).append(value)

@@ -118,6 +118,11 @@ class VisionTower(nn.Module):
     def grid_for(self, image_size: int) -> int:
         raise NotImplementedError
 
+    def rebuild_arguments(self) -> dict[str, Any]:
+        """`build_vision_tower` arguments that rebuild this architecture with random weights
+        (`pretrained: None`): what a saved tokenizer records, as the weights travel with it."""
+        raise NotImplementedError
+
 
 class ClipVisionTower(VisionTower):
     """An OpenAI-layout CLIP ViT (open_clip `VisionTransformer`) returning ln_post'ed patch tokens.
@@ -220,6 +225,16 @@ class ClipVisionTower(VisionTower):
     def grid_for(self, image_size: int) -> int:
         return image_size // self.patch_size
 
+    def rebuild_arguments(self) -> dict[str, Any]:
+        m = self.model
+        blocks = m.transformer.resblocks
+        grid = math.isqrt(m.positional_embedding.shape[0] - 1)
+        config = {"image_size": grid * self.patch_size, "patch_size": self.patch_size, "width": self.width,
+                  "layers": len(blocks), "heads": int(blocks[0].attn.num_heads),
+                  "mlp_ratio": blocks[0].mlp.c_fc.out_features / self.width,
+                  "output_dim": int(m.proj.shape[1]) if m.proj is not None else m.output_dim}
+        return {"kind": "openai_clip", "pretrained": None, "config": config, "project": self.project}
+
     def drop_projection(self) -> None:
         """Delete `proj` as the official loader does: the trainable tower neither uses nor stores it."""
         self.model.proj = None
@@ -275,6 +290,8 @@ class SiglipVisionTower(VisionTower):
         self.config_key = config_key
         self.feature_layer = feature_layer
         self.scale_input = scale_input
+        self.freeze_unused = freeze_unused
+        self.attn_implementation = attn_implementation
         if pretrained is not None and not Path(pretrained).is_file():
             kwargs = {"attn_implementation": attn_implementation, **({"cache_dir": cache_dir} if cache_dir else {})}
             hf = _from_pretrained(SiglipVisionModel, pretrained, config_key, **kwargs)
@@ -310,6 +327,16 @@ class SiglipVisionTower(VisionTower):
     @property
     def patch_size(self) -> int:
         return int(self.config.patch_size)
+
+    def rebuild_arguments(self) -> dict[str, Any]:
+        from transformers import SiglipVisionConfig
+
+        defaults = SiglipVisionConfig().to_dict()
+        config = {k: v for k, v in self.config.to_dict().items()
+                  if k in defaults and not k.startswith("_") and k not in ("transformers_version", "model_type")}
+        return {"kind": "siglip", "pretrained": None, "config": config, "feature_layer": self.feature_layer,
+                "scale_input": self.scale_input, "freeze_unused": self.freeze_unused,
+                "attn_implementation": self.attn_implementation}
 
     @property
     def width(self) -> int:
@@ -361,10 +388,16 @@ class TimmVisionTower(VisionTower):
             self.model = timm.create_model(name, pretrained=False, **options)
         else:
             self.model = load_timm_model(name, pretrained, options, config_key)
+        self.name, self.options = name, dict(config or {})
         if getattr(self.model, "fc_norm", None) is not None:
             self.model.fc_norm = nn.Identity()
         self.input_mean, self.input_std = input_mean, input_std
         self.reduction = int(self.model.feature_info[-1]["reduction"])
+
+    def rebuild_arguments(self) -> dict[str, Any]:
+        # The bare architecture name: a "name.tag" picks weights, not a different network.
+        return {"kind": "timm", "name": self.name.split(".")[0], "pretrained": None, "config": dict(self.options),
+                "input_mean": self.input_mean, "input_std": self.input_std}
 
     @property
     def width(self) -> int:
