@@ -166,6 +166,7 @@ def evaluate_reconstruction(
     grid_images: int = 8,
     k_grid_path: str | os.PathLike | None = None,
     k_grid_images: int = 4,
+    k_grid_min_tile: int = 1,
     progress: bool = True,
     total: int | None = None,
 ) -> dict[str, Any]:
@@ -183,7 +184,8 @@ def evaluate_reconstruction(
         precision: "32" or "bf16-mixed" (autocast around encode/decode only).
         grid_path: rank 0 writes its first `grid_images` originals above their reconstructions here.
         k_grid_path: with more than one token count, rank 0 writes its first `k_grid_images`
-            images here, one per row: the original, then the decode at each count (`write_k_grid`).
+            images here, one per row: the original, then the decode at each count (`write_k_grid`),
+            tiles enlarged (nearest) to at least `k_grid_min_tile` pixels.
         progress: tqdm bar (rank 0) counting images; `total` is this rank's image count if known.
 
     Returns:
@@ -251,7 +253,8 @@ def evaluate_reconstruction(
     if grid_real:
         write_grid(torch.cat(grid_real), torch.cat(grid_recon), grid_path)
     if k_real:
-        write_k_grid(torch.cat(k_real), {k: torch.cat(v) for k, v in k_recon.items()}, k_grid_path)
+        write_k_grid(torch.cat(k_real), {k: torch.cat(v) for k, v in k_recon.items()}, k_grid_path,
+                     min_tile=k_grid_min_tile)
     return result
 
 
@@ -273,18 +276,24 @@ K_GRID_LABEL_HEIGHT = 14
 
 
 def write_k_grid(originals: Tensor, decoded: Mapping[int, Tensor], path: str | os.PathLike,
-                 padding: int = 2) -> Path:
+                 padding: int = 2, min_tile: int = 1) -> Path:
     """One PNG: a row per image, the original then its decode at each token count (ascending),
     2 px white padding, under a label strip naming the columns ("original", "k=1", ...), so one
-    sees the reconstructions sharpen left to right. Size: width (1 + K) * W + (2 + K) * padding,
-    height K_GRID_LABEL_HEIGHT + n * H + (n + 1) * padding."""
+    sees the reconstructions sharpen left to right. Tiles smaller than `min_tile` are enlarged by
+    the smallest integer factor s that reaches it (nearest: every pixel an s x s block, nothing
+    smoothed). Size: width (1 + K) * W + (2 + K) * padding, height K_GRID_LABEL_HEIGHT + n * H +
+    (n + 1) * padding, for W, H the enlarged tile."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
 
     counts = sorted(decoded)
-    n, _, h, w = originals.shape
     # Row-major: each row is one image's [original, k_1, ..., k_K].
     tiles = torch.stack([originals.float().cpu(), *(decoded[k].float().cpu() for k in counts)], dim=1)
+    scale = max(1, -(-min_tile // max(originals.shape[-2:])))
+    if scale > 1:
+        # A 32 px tile is too small to judge by eye; nearest keeps the decode's own pixels.
+        tiles = tiles.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    n, h, w = tiles.shape[0], *tiles.shape[-2:]
     grid = make_grid(tiles.flatten(0, 1).clamp(0, 1), nrow=1 + len(counts), padding=padding, pad_value=1.0)
     body = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
     canvas = Image.new("RGB", (body.width, body.height + K_GRID_LABEL_HEIGHT), "white")
@@ -545,6 +554,7 @@ def run_evaluation(cfg: Mapping, conf_dir: str | os.PathLike | None = None) -> d
             grid_images=int(cfg.get("grid_images", 8)),
             k_grid_path=output_dir / K_GRID_FILE,
             k_grid_images=int(cfg.get("k_grid_images", 4)),
+            k_grid_min_tile=int(cfg.get("k_grid_min_tile", 1)),
             progress=bool(cfg.get("progress", True)),
             total=expected_images(source, max_images, processes.rank, processes.world_size),
         )

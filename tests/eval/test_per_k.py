@@ -20,6 +20,7 @@ from tokenizers_vis.evaluation import (
     evaluate_reconstruction,
     metrics_factory,
     run_evaluation,
+    write_k_grid,
     write_per_k_plot,
 )
 from tokenizers_vis.models import FlexTok
@@ -55,6 +56,22 @@ def test_k_grid_columns_are_the_original_then_each_count(image_folder, tmp_path)
         errors = [np.abs(original - t).mean() for t in (k4, k2, k1)]
         assert errors[0] < errors[1] < errors[2]
     assert sorted(result["tokens"]) == [1, 2, 4]
+
+
+def test_small_k_grid_tiles_are_enlarged_pixel_for_pixel(tmp_path):
+    torch.manual_seed(0)
+    originals = torch.rand(2, 3, 16, 16)
+    decoded = {1: torch.rand(2, 3, 16, 16), 4: originals}
+    write_k_grid(originals, decoded, tmp_path / K_GRID_FILE, min_tile=60)  # 16 px -> 4x (64 px)
+    with Image.open(tmp_path / K_GRID_FILE) as image:
+        assert image.size == k_grid_size(rows=2, counts=2, side=64)
+        grid = np.asarray(image.convert("RGB"))
+    expected = (originals[1] * 255).round().byte().permute(1, 2, 0).numpy()
+    for column in (0, 2):  # the original and the k=4 decode (the same image)
+        assert np.array_equal(tile(grid, 1, column, side=64), np.repeat(np.repeat(expected, 4, 0), 4, 1))
+    write_k_grid(originals, decoded, tmp_path / "big.png", min_tile=16)  # already large enough
+    with Image.open(tmp_path / "big.png") as image:
+        assert image.size == k_grid_size(rows=2, counts=2, side=16)
 
 
 def test_per_k_plot_draws_the_measured_metrics(tmp_path):
@@ -99,7 +116,8 @@ def _evaluate(flextok_dir, image_folder, out_dir, *overrides):
 def test_flextok_evaluation_writes_per_k_files_only_for_several_counts(flextok_dir, image_folder, tmp_path):
     several = _evaluate(flextok_dir, image_folder, tmp_path / "several", "tokens=[1,2,4]", "k_grid_images=5")
     with Image.open(tmp_path / "several" / K_GRID_FILE) as image:
-        assert image.size == k_grid_size(rows=5, counts=3)
+        # conf/eval.yaml's k_grid_min_tile (96) enlarges the 32 px tiles 3x.
+        assert image.size == k_grid_size(rows=5, counts=3, side=3 * RESOLUTION)
     with Image.open(tmp_path / "several" / PER_K_PLOT_FILE) as image:
         assert image.size == (2 * 360, 320)  # PSNR and SSIM: no rFID or LPIPS measured
     assert sorted(several["tokens"]) == ["1", "2", "4"] and several["num_images"] == NUM_IMAGES
