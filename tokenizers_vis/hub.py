@@ -27,6 +27,9 @@ WEIGHTS_NAME = "model.safetensors"
 # Keys under which a training checkpoint stores the tokenizer weights, best first.
 EMA_PREFIX = "ema."
 RAW_PREFIX = "tokenizer."
+# Checkpoint entry listing the EMA weights saved once, under RAW_PREFIX only: frozen parts (a
+# pretrained VAE) and buffers, which the EMA copy holds unchanged.
+EMA_SHARED_KEY = "ema_shared"
 
 
 def save_pretrained(tokenizer: Tokenizer, directory: str | os.PathLike, extra_config: dict | None = None) -> Path:
@@ -62,6 +65,8 @@ def checkpoint_state(checkpoint: dict[str, Any], use_ema: bool = True) -> dict[s
     for prefix in prefixes:
         weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if weights:
+            if prefix == EMA_PREFIX:
+                weights.update({name: state[RAW_PREFIX + name] for name in checkpoint.get(EMA_SHARED_KEY, ())})
             return weights
     raise ValueError("checkpoint holds no tokenizer weights (no 'ema.*' or 'tokenizer.*' keys)")
 

@@ -87,3 +87,45 @@ def test_tiny_flextok_overfits_demo_images_and_more_tokens_decode_better(tmp_pat
         psnr = {k: _psnr(tok.decode(encoded, num_tokens=k).clamp(0, 1), images) for k in (1, 2, 8)}
     assert psnr[8] > psnr[1] + 1.0 and psnr[2] > psnr[1], psnr
     assert psnr[1] > 12.0, psnr  # images, not noise, at every k
+
+
+TINY_VAE = ("{pretrained: null, scaling_factor: 0.5, config: {block_out_channels: [8, 8], norm_num_groups: 4, "
+            "latent_channels: 4, down_block_types: [DownEncoderBlock2D, DownEncoderBlock2D], "
+            "up_block_types: [UpDecoderBlock2D, UpDecoderBlock2D], layers_per_block: 1}}")
+
+
+def test_checkpoint_holds_the_frozen_vae_once_and_resumes_and_loads_with_it(demo_data, tmp_path):
+    """With EMA on, the frozen VAE is saved under `tokenizer.vae.*` only (not again as `ema.vae.*`);
+    resume and `load_tokenizer` put it back into the EMA copy."""
+    pytest.importorskip("diffusers")
+    from tokenizers_vis.hub import EMA_SHARED_KEY, checkpoint_state
+
+    overrides = ["experiment=flextok_demo", "trainer.max_steps=2", "data.num_workers=0", "data.batch_size=2",
+                 "data.val_max_images=2", f"model.tokenizer.vae={TINY_VAE}", "model.tokenizer.patch_size=2",
+                 "model.tokenizer.num_registers=4", "model.tokenizer.encoder_width=32",
+                 "model.tokenizer.encoder_depth=1", "model.tokenizer.encoder_heads=2",
+                 "model.tokenizer.decoder_width=32", "model.tokenizer.decoder_depth=1",
+                 "model.tokenizer.decoder_heads=2", "model.tokenizer.sample_steps=1", "model.ema_decay=0.5",
+                 "validate_before_fit=false", "validate_after_fit=false",
+                 "callbacks.model_checkpoint.every_n_train_steps=1", "logger=csv"]
+    run_training(compose_train(overrides, tmp_path, data_dir=demo_data))
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint["state_dict"]
+    vae_keys = [k for k in state if k.startswith("tokenizer.vae.")]
+    assert vae_keys and not any(k.startswith("ema.vae.") for k in state)
+    assert set(checkpoint[EMA_SHARED_KEY]) >= {k[len("tokenizer."):] for k in vae_keys}
+    # Trained weights keep their own EMA copy (the output head is the first to move from its zero init).
+    head = "decoder.head.proj.weight"
+    assert "ema." + head in state and not torch.equal(state["ema." + head], state["tokenizer." + head])
+    tok = load_tokenizer(path)
+    ema = checkpoint_state(checkpoint)
+    assert all(torch.equal(v, ema[k]) for k, v in tok.state_dict().items())
+    assert torch.equal(tok.decoder.head.proj.weight, state["ema." + head])
+    assert torch.equal(tok.vae.model.encoder.conv_in.weight, state["tokenizer.vae.model.encoder.conv_in.weight"])
+    # Resume: the strict load sees every EMA key again, and the next checkpoint drops them again.
+    summary = run_training(compose_train([*overrides, "trainer.max_steps=3", "ckpt_path=last"], tmp_path,
+                                         data_dir=demo_data))
+    assert summary["steps"] == 3
+    resumed = torch.load(path, map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 3 and not any(k.startswith("ema.vae.") for k in resumed["state_dict"])

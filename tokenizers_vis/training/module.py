@@ -21,6 +21,10 @@ between steps (which differ between an uninterrupted and a resumed run) never ch
 Each step's logs are written to the loggers inside the step, and loggers are flushed before every
 checkpoint, so a checkpoint is never ahead of the logs; a resumed run first drops the rows an
 interrupted run wrote after its checkpoint (`resume_at_step` of `ResumableCSVLogger`).
+
+Frozen parts (a pretrained VAE) and buffers are the same in the EMA copy as in the trained one;
+checkpoints hold them once, under `tokenizer.*`, and list them in `ema_shared`
+(`tokenizers_vis.hub.EMA_SHARED_KEY`); loading copies them back into `ema.*`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from tokenizers_vis.hub import EMA_PREFIX, EMA_SHARED_KEY, RAW_PREFIX
 from tokenizers_vis.models.base import Tokenizer
 from tokenizers_vis.training.checkpoint import rng_state, set_rng_state
 from tokenizers_vis.training.optim import decay_groups, lr_multiplier
@@ -342,6 +347,7 @@ class TokenizerModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FROZEN_PREFIX)]:
             del state[key]
+        checkpoint[EMA_SHARED_KEY] = self._drop_shared_ema(state)
         # Every row logged so far reaches the disk before the checkpoint does.
         for logger in self.loggers:
             logger.save()
@@ -351,6 +357,22 @@ class TokenizerModule(L.LightningModule):
             "consecutive_nonfinite": self._consecutive_nonfinite,
             "code_hist": self._code_hist.cpu().clone() if self._code_hist is not None else None,
         }
+
+    def _drop_shared_ema(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Remove from `state` the EMA entries equal to the trained copy's among its frozen parameters
+        and buffers (a frozen VAE would otherwise be saved twice); their names, for the load."""
+        if self.ema is None:
+            return []
+        frozen = [name for name, p in self.tokenizer.named_parameters() if not p.requires_grad]
+        frozen += [name for name, _ in self.tokenizer.named_buffers()]
+        shared = []
+        for name in frozen:
+            ema, raw = state.get(EMA_PREFIX + name), state.get(RAW_PREFIX + name)
+            # Equality, not the name alone, decides: a buffer the EMA copy keeps on its own stays.
+            if ema is not None and raw is not None and torch.equal(ema, raw):
+                del state[EMA_PREFIX + name]
+                shared.append(name)
+        return shared
 
     def _gather(self, value: Any) -> list[Any]:
         """`value` of every rank (a collective: checkpoints are dumped on every rank)."""
@@ -367,6 +389,8 @@ class TokenizerModule(L.LightningModule):
         for key, value in self.state_dict().items():
             if key.startswith(FROZEN_PREFIX):
                 state[key] = value
+        for name in checkpoint.get(EMA_SHARED_KEY, ()):
+            state[EMA_PREFIX + name] = state[RAW_PREFIX + name]
         training = checkpoint.get("training_state")
         if training is None:
             return
