@@ -304,9 +304,9 @@ class TokenizerModule(L.LightningModule):
         if self._code_hist.device != ids.device:
             self._code_hist = self._code_hist.to(ids.device)
         ids = ids.reshape(-1)
-        # Negative ids mark positions without a code (TokenFlow's dropped training scale).
-        self._code_hist += torch.bincount(ids.clamp(min=0), weights=(ids >= 0).float(),
-                                          minlength=self._code_hist.numel()).to(self._code_hist.dtype)
+        # Negative ids mark positions without a code (TokenFlow's dropped training scale). Unweighted
+        # bincount: the weighted one has no deterministic CUDA kernel (trainer.deterministic=true).
+        self._code_hist += torch.bincount(ids[ids >= 0], minlength=self._code_hist.numel())
 
     def _codebook_stats(self, step: int) -> dict[str, float]:
         """Usage and perplexity of the codes counted since the last report, every `codebook_log_every` steps
