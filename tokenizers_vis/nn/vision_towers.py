@@ -20,6 +20,7 @@ TokenFlow `encoder_vqkd.*` names (tower-relative) with `model.` in front; see `o
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,26 +103,28 @@ def _check_grid(grid: int | None, actual: int, what: str) -> None:
         raise ValueError(f"{what} gives a {actual}x{actual} token grid, but grid={grid} was asked for")
 
 
-class VisionTower(nn.Module):
+class VisionTower(nn.Module, ABC):
     """What every tower offers: `forward(images in [-1, 1], grid=None) -> (B, grid**2, out_dim)`,
     `width` (token width of the network), `out_dim` (what forward returns; the width unless a
     projection applies) and `grid_for(image_size)` (the token grid at that input side)."""
 
     @property
+    @abstractmethod
     def width(self) -> int:
-        raise NotImplementedError
+        ...
 
     @property
     def out_dim(self) -> int:
         return self.width
 
+    @abstractmethod
     def grid_for(self, image_size: int) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def rebuild_arguments(self) -> dict[str, Any]:
         """`build_vision_tower` arguments that rebuild this architecture with random weights
         (`pretrained: None`): what a saved tokenizer records, as the weights travel with it."""
-        raise NotImplementedError
 
 
 class ClipVisionTower(VisionTower):
