@@ -210,3 +210,29 @@ def test_patches_wider_than_the_decoder_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FlexTok(**{**TINY, "patch_size": 2})  # 12 values under a 32-wide decoder: no warning
+
+
+@pytest.mark.parametrize("std", [0.02, 0.3])
+def test_register_init_std_sets_both_register_tables(std):
+    tok = FlexTok(**{**TINY, "num_registers": 64, "encoder_width": 64, "decoder_width": 64,
+                     "register_init_std": std})
+    for table in (tok.encoder.registers, tok.decoder.register_pos_embed):
+        assert abs(float(table.detach().std()) / std - 1) < 0.05
+    assert build_tokenizer(tok.config).config["register_init_std"] == std
+
+
+def test_register_init_std_separates_registers_with_equal_codes():
+    """What the demo's 0.3 buys on the decoder side: registers holding the same code start apart
+    (at 0.02 the embedded code dominates and they are nearly the same token)."""
+    codes = torch.full((1, TINY["num_registers"], 6), 0.5)
+    keep = torch.tensor([TINY["num_registers"]])
+    similarity = {}
+    for std in (0.02, 0.3):
+        torch.manual_seed(0)
+        tokens = FlexTok(**{**TINY, "register_init_std": std}).decoder.condition(codes, keep)[0]
+        unit = torch.nn.functional.normalize(tokens, dim=-1)
+        off_diagonal = (unit @ unit.T).masked_select(~torch.eye(len(unit), dtype=torch.bool))
+        similarity[std] = float(off_diagonal.mean())
+    assert similarity[0.02] > 0.95 > 0.8 > similarity[0.3], similarity
+    with pytest.raises(ValueError, match="register_init_std"):
+        FlexTok(**{**TINY, "register_init_std": 0.0})
