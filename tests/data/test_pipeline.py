@@ -194,3 +194,20 @@ def test_train_stream_resumes_exactly_from_its_marks(tmp_path, num_workers):
         other = next(again)
         assert other["key"] == batch["key"] and torch.equal(other["image"], batch["image"])
         assert other["stream"] == batch["stream"]
+
+
+def test_exit_flag_made_under_inference_mode_can_be_set_at_exit(monkeypatch):
+    """The flag's exit hook (`fill_(1)`) runs outside inference mode; a flag first made while
+    validating (under inference_mode) must still accept it (it printed "Inplace update to
+    inference tensor" at every training exit)."""
+    from tokenizers_vis.data import pipeline
+
+    hooks = []
+    monkeypatch.setattr(pipeline, "_main_exiting", None)
+    monkeypatch.setattr(pipeline.atexit, "register", lambda fn, *args: hooks.append((fn, args)))
+    with torch.inference_mode():
+        flag = pipeline.PreemptionShield().main_exiting
+    assert not flag.is_inference() and flag.is_shared()
+    for fn, args in hooks:
+        fn(*args)
+    assert flag[0] == 1

@@ -146,7 +146,10 @@ def _main_exiting_flag() -> torch.Tensor:
     """A flag in shared memory that this process sets when its interpreter exits."""
     global _main_exiting
     if _main_exiting is None:
-        _main_exiting = torch.zeros(1, dtype=torch.uint8).share_memory_()
+        # Not an inference tensor even when the first loader is built under inference_mode
+        # (validation): the exit hook updates it in place outside that mode.
+        with torch.inference_mode(False):
+            _main_exiting = torch.zeros(1, dtype=torch.uint8).share_memory_()
         # Registered after multiprocessing's own exit hook, so it runs before that hook
         # terminates (SIGTERM) and joins the daemon worker processes.
         atexit.register(_main_exiting.fill_, 1)
