@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -12,6 +13,14 @@ from tokenizers_vis.config import register_resolvers
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def reference_path(shared_dir: Path, model: str, name: str = "") -> Path:
+    """`shared_dir/reference/<model>/<name>`, or a skip naming what is missing."""
+    path = shared_dir / "reference" / model / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the {model} reference fixtures are not in this checkout")
+    return path
 
 
 def compose_train(overrides: list[str], output_dir: Path | str, data_dir: Path | str | None = None) -> DictConfig:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import reference_path
 from safetensors.torch import load_file, save_file
 
 from tokenizers_vis import load_tokenizer
@@ -24,10 +25,7 @@ ATOL = 1e-4  # the README's suggested tolerance for every float output
 
 @pytest.fixture
 def fixture_dir(shared_dir):
-    path = shared_dir / "reference" / "flextok"
-    if not (path / "tiny.safetensors").is_file():
-        pytest.skip(f"{path} holds no FlexTok reference fixture")
-    return path
+    return reference_path(shared_dir, "flextok", "tiny.safetensors").parent
 
 
 def _split(path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import reference_path
 from safetensors.torch import load_file
 
 from tokenizers_vis import load_tokenizer
@@ -28,10 +29,7 @@ PIXEL_ATOL, ATOL = 1e-4, 2e-5
 
 @pytest.fixture
 def fixture_dir(shared_dir):
-    path = shared_dir / "reference" / "tokenflow"
-    if not (path / "tiny_clipb.safetensors").is_file():
-        pytest.skip(f"{path} holds no TokenFlow reference fixtures")
-    return path
+    return reference_path(shared_dir, "tokenflow", "tiny_clipb.safetensors").parent
 
 
 @functools.cache

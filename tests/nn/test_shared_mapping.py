@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import reference_path
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -20,9 +21,7 @@ FIXTURES = ["tiny_clipb", "tiny_clipb_enhanced", "tiny_siglip"]
 
 
 def load_fixture(shared_dir, name):
-    path = shared_dir / "reference" / "tokenflow" / f"{name}.safetensors"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent: the TokenFlow reference fixtures are not in this checkout")
+    path = reference_path(shared_dir, "tokenflow", f"{name}.safetensors")
     with safe_open(str(path), "pt") as f:
         scales = json.loads(f.metadata()["scale_rq_layers"])
     tensors = load_file(str(path))

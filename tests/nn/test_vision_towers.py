@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import reference_path
 
 from tokenizers_vis.nn import vision_towers
 from tokenizers_vis.nn.pretrained import MissingPretrainedError
@@ -31,7 +32,7 @@ KEY = "model.semantic_encoder.pretrained"
 def load_fixture(shared_dir, case):
     from safetensors.torch import load_file
 
-    root = shared_dir / "reference" / "tokenflow"
+    root = reference_path(shared_dir, "tokenflow", f"{case}.safetensors").parent
     tensors = load_file(str(root / f"{case}.safetensors"))
     prefix = "state_dict.encoder_vqkd."
     state = {official_key_to_ours(k[len(prefix):]): v for k, v in tensors.items() if k.startswith(prefix)}

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import reference_path
 from safetensors.torch import load_file
 
 from tokenizers_vis.nn.cnn import AttnBlock, Downsample, ResBlock, VQGANDecoder, VQGANEncoder
@@ -26,10 +27,7 @@ FULL_SIZE = {
 
 
 def reference_dir(shared_dir):
-    path = shared_dir / "reference" / "tokenflow"
-    if not path.is_dir():
-        pytest.skip(f"{path} is absent: the TokenFlow reference fixtures are not in this checkout")
-    return path
+    return reference_path(shared_dir, "tokenflow")
 
 
 def sub_state_dict(tensors, prefix):
