@@ -183,6 +183,6 @@ class Tokenizer(nn.Module, ABC):
         if num_tokens is not None and ids.shape[1] != num_tokens:
             raise ValueError(f"expected {num_tokens} tokens per image, got {ids.shape[1]}")
         if self.codebook_size is not None and ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
+            lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
             if lo < 0 or hi >= self.codebook_size:
                 raise ValueError(f"token ids must lie in [0, {self.codebook_size - 1}], got range [{lo}, {hi}]")

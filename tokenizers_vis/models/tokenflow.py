@@ -250,10 +250,13 @@ class TokenFlow(Tokenizer):
         if encoded.shape[1] not in self.quantize.prefix_lengths:
             raise ValueError(f"expected {self.num_tokens} ids (scales {self.scales}) or a prefix of whole scales "
                              f"({self.quantize.prefix_lengths}), got {encoded.shape[1]}")
-        if encoded.numel() and int(encoded.min()) == -1:
-            raise ValueError("ids of -1 mark the scale a training-mode encode dropped; encode in eval mode "
-                             "(tok.eval()) to get ids to decode")
-        self.check_ids(encoded)
+        try:
+            self.check_ids(encoded)
+        except ValueError as err:
+            if int(encoded.min()) == -1:
+                raise ValueError("ids of -1 mark the scale a training-mode encode dropped; encode in eval mode "
+                                 "(tok.eval()) to get ids to decode") from err
+            raise
         return self.quantize.embed(encoded)
 
     def decode_pixels(self, quantized: torch.Tensor) -> torch.Tensor:
