@@ -125,7 +125,7 @@ def _download(repo_id: str, revision: str | None = None) -> Path:
         raise OSError(
             f"could not download {repo_id!r} from the Hugging Face Hub (offline, HF_HUB_OFFLINE set, "
             f"or no cached copy). Download it where there is network "
-            f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass the local DIR instead."
+            f"(`hf download {repo_id} --local-dir DIR`) and pass the local DIR instead."
         ) from err
 
 
