@@ -19,6 +19,7 @@ TokenFlow `encoder_vqkd.*` names (tower-relative) with `model.` in front; see `o
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -72,9 +73,15 @@ def official_input_scaling(images: torch.Tensor, mean: Sequence[float], std: Seq
     x clamped to [-1, 1] (bit for bit on the reference images); ViTamin uses CLIP's mean/std.
     """
     x = ((images + 1.0) * 127.5).clamp(0.0, 255.0) / 255.0
-    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
+    return (x - _channel_constant(tuple(mean), x.dtype, x.device)) / _channel_constant(tuple(std), x.dtype, x.device)
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, C, 1, 1) constant, made once per device and dtype: a new CUDA tensor per call is a
+    host-to-device copy on every forward. Never an inference tensor, so autograd may save it."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
