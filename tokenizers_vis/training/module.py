@@ -51,13 +51,16 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def load_initial_weights(tokenizer: Tokenizer, source: str | None = None, objective: nn.Module | None = None) -> None:
+def load_initial_weights(tokenizer: Tokenizer, source: str | None = None, objective: nn.Module | None = None,
+                         exclude: Sequence[str] = ()) -> None:
     """Set the weights training starts from (before the EMA copy is taken).
 
     First the part the objective supplies, if it has `initial_weights(tokenizer)` (TiTok's
     proxy-code stage: the teacher's decoder and codebook as the pixel decoder); then `source`
-    (`model.init_from`: a .ckpt of ours -> its EMA weights, a saved folder or a Hub id), which
-    must match the whole architecture and is loaded strictly.
+    (`model.init_from`: a .ckpt of ours -> its EMA weights, a saved folder or a Hub id), loaded
+    strictly except for the parameter-name prefixes in `exclude` (`model.init_from_exclude`),
+    which keep their fresh init on both sides, so they may differ in architecture (TokenFlow's
+    stage 2 into the larger "enhanced" pixel decoder: exclude `decoder.`).
     """
     from tokenizers_vis.hub import load_tokenizer
 
@@ -66,13 +69,25 @@ def load_initial_weights(tokenizer: Tokenizer, source: str | None = None, object
         unexpected = tokenizer.load_state_dict(supplied(tokenizer), strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"{type(objective).__name__}.initial_weights gave keys this model lacks: {unexpected[:8]}")
+    exclude = tuple(exclude or ())
+    if exclude and not source:
+        raise ValueError(f"model.init_from_exclude={list(exclude)} needs model.init_from")
     if not source:
         return
-    state = load_tokenizer(source).state_dict()
+    names = tokenizer.state_dict().keys()
+    unused = [prefix for prefix in exclude if not any(name.startswith(prefix) for name in names)]
+    if unused:
+        raise ValueError(f"model.init_from_exclude prefixes {unused} match no parameter of this model")
+    state = {k: v for k, v in load_tokenizer(source).state_dict().items() if not k.startswith(exclude)}
     try:
-        tokenizer.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+        missing, unexpected = tokenizer.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
         raise ValueError(f"model.init_from={source} does not match this model's architecture: {err}") from err
+    missing = [k for k in missing if not k.startswith(exclude)]
+    if missing or unexpected:
+        raise ValueError(f"model.init_from={source} does not match this model's architecture: missing "
+                         f"{missing[:8]}, unexpected {unexpected[:8]} (exclude differing parts with "
+                         "model.init_from_exclude)")
 
 
 class TokenizerModule(L.LightningModule):
@@ -91,6 +106,8 @@ class TokenizerModule(L.LightningModule):
         folder, or a Hub id), e.g. stage 2 from a stage-1 run. Loaded strictly. Unlike
         `ckpt_path` (resume), optimizer state and step counter start fresh. An objective with
         `initial_weights(tokenizer)` supplies part of the weights first (see `load_initial_weights`).
+    init_from_exclude: parameter-name prefixes init_from leaves at their fresh init (parts whose
+        architecture changes between stages).
     """
 
     def __init__(
@@ -109,11 +126,12 @@ class TokenizerModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         val_metrics: dict[str, Any] | None = None,
         init_from: str | None = None,
+        init_from_exclude: Sequence[str] | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
         self.save_hyperparameters(ignore=["tokenizer", "objective"], logger=False)
-        load_initial_weights(tokenizer, init_from, objective)
+        load_initial_weights(tokenizer, init_from, objective, init_from_exclude or ())
         self.tokenizer = tokenizer
         self.objective = objective
         prepare = getattr(objective, "prepare", None)
