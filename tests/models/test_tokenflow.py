@@ -194,3 +194,26 @@ def test_training_mode_ids_with_a_dropped_scale_are_refused_clearly():
     ids = model.encode(images()).ids
     with pytest.raises(ValueError, match="encode in eval mode"):
         model.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["openai_clip", "siglip", "timm"])
+def test_gradient_checkpointing_reaches_every_tower_kind_and_keeps_the_gradients(kind, recwarn):
+    def gradients(checkpointing):
+        model = tiny(image_size=64, semantic_encoder={"kind": kind, "tiny": True}, semantic_out_dim=16,
+                     pixel_channel_mult=(1, 1, 1, 1, 1)).train()
+        model.set_gradient_checkpointing(checkpointing)
+        out = model(images(size=64))
+        (out.reconstruction.square().mean() + out.aux_loss).backward()
+        return model, {n: p.grad for n, p in model.semantic_encoder.named_parameters() if p.grad is not None}
+
+    plain_model, plain = gradients(False)
+    model, checkpointed = gradients(True)
+    tower = model.semantic_encoder.model
+    flags = (getattr(tower, "is_gradient_checkpointing", False),                   # transformers
+             getattr(tower, "grad_checkpointing", False),                          # timm
+             getattr(getattr(tower, "transformer", None), "grad_checkpointing", False))  # open_clip
+    assert any(flags), type(tower).__name__
+    assert not [w for w in recwarn if "gradient checkpointing is not available" in str(w.message)]
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)

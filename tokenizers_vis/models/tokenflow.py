@@ -324,6 +324,11 @@ class TokenFlow(Tokenizer):
         tower = self.semantic_encoder.model
         if hasattr(tower, "set_grad_checkpointing"):  # open_clip and timm towers
             tower.set_grad_checkpointing(enabled)
+        elif getattr(tower, "supports_gradient_checkpointing", False):  # transformers (SigLIP)
+            if enabled:
+                tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                tower.gradient_checkpointing_disable()
         elif enabled:
             warnings.warn(f"gradient checkpointing is not available for the {type(tower).__name__} tower; "
                           "only the semantic decoder recomputes its activations", stacklevel=2)
