@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -69,7 +69,7 @@ def load_initial_weights(tokenizer: Tokenizer, source: str | None = None, object
         unexpected = tokenizer.load_state_dict(supplied(tokenizer), strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"{type(objective).__name__}.initial_weights gave keys this model lacks: {unexpected[:8]}")
-    exclude = tuple(exclude or ())
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude or ())
     if exclude and not source:
         raise ValueError(f"model.init_from_exclude={list(exclude)} needs model.init_from")
     if not source:
