@@ -79,15 +79,15 @@ def load_initial_weights(tokenizer: Tokenizer, source: str | None = None, object
     if unused:
         raise ValueError(f"model.init_from_exclude prefixes {unused} match no parameter of this model")
     state = {k: v for k, v in load_tokenizer(source).state_dict().items() if not k.startswith(exclude)}
+    mismatch = f"model.init_from={source} does not match this model's architecture (parts that differ on " \
+               "purpose go in model.init_from_exclude)"
     try:
         missing, unexpected = tokenizer.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"model.init_from={source} does not match this model's architecture: {err}") from err
+        raise ValueError(f"{mismatch}: {err}") from err
     missing = [k for k in missing if not k.startswith(exclude)]
     if missing or unexpected:
-        raise ValueError(f"model.init_from={source} does not match this model's architecture: missing "
-                         f"{missing[:8]}, unexpected {unexpected[:8]} (exclude differing parts with "
-                         "model.init_from_exclude)")
+        raise ValueError(f"{mismatch}: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
 
 class TokenizerModule(L.LightningModule):
