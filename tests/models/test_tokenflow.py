@@ -206,7 +206,7 @@ def test_gradient_checkpointing_reaches_every_tower_kind_and_keeps_the_gradients
         (out.reconstruction.square().mean() + out.aux_loss).backward()
         return model, {n: p.grad for n, p in model.semantic_encoder.named_parameters() if p.grad is not None}
 
-    plain_model, plain = gradients(False)
+    _, plain = gradients(False)
     model, checkpointed = gradients(True)
     tower = model.semantic_encoder.model
     flags = (getattr(tower, "is_gradient_checkpointing", False),                   # transformers
