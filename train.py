@@ -16,6 +16,7 @@ import signal
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from tokenizers_vis.config import register_resolvers
@@ -26,7 +27,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> None:
-    summary = run_training(cfg)
+    summary = run_training(cfg, cli_overrides=HydraConfig.get().overrides.task)
     print(json.dumps(summary, indent=2))
     if "preempted" in summary:
         sys.exit(128 + signal.Signals[summary["preempted"]])

@@ -48,3 +48,16 @@ def test_released_architectures_are_what_the_experiments_build(tmp_path):
     with torch.device("meta"):
         tokenizer = hydra.utils.instantiate(cfg.model.tokenizer)
     assert sum(p.numel() for p in tokenizer.parameters()) == 390016148  # official titok_bl64_vq8k
+
+
+def test_command_line_model_keys_win_over_the_smoke_block(tmp_path):
+    """`debug=smoke model.tokenizer.decoder_channels=64` keeps the 64 (the smoke block sets it to
+    null); keys the command line leaves alone still get the smoke values."""
+    overrides = ["experiment=tokenflow_demo", "debug=smoke", "model.tokenizer.decoder_channels=64",
+                 "++model.tokenizer.decoder_num_res_blocks=3", "trainer.max_steps=5"]
+    plain = prepare_config(compose_train(overrides, tmp_path))
+    assert plain.model.tokenizer.decoder_channels is None  # without the command line: smoke wins
+    cfg = prepare_config(compose_train(overrides, tmp_path), cli_overrides=overrides)
+    assert cfg.model.tokenizer.decoder_channels == 64 and cfg.model.tokenizer.decoder_num_res_blocks == 3
+    assert cfg.model.tokenizer.semantic_decoder_width == plain.model.tokenizer.semantic_decoder_width == 32
+    assert "smoke" not in cfg.model

@@ -56,7 +56,7 @@ def _apply_stage(cfg: DictConfig, check_required: bool) -> DictConfig | None:
     return stage_smoke
 
 
-def prepare_config(cfg: DictConfig) -> DictConfig:
+def prepare_config(cfg: DictConfig, cli_overrides: abc.Sequence[str] = ()) -> DictConfig:
     """Select the model's training stage, apply `smoke`, and drop the blocks that did it.
 
     Multi-stage recipes (TiTok's two stages) hold one delta over the model config per stage under
@@ -64,6 +64,8 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
     command line, so stage-specific keys are overridden as `model.stages.<N>.<key>=...`. A delta
     may hold `smoke` (merged after the model's own `smoke` block) and `required`, {key: what it
     is}: keys that must not be null, except under smoke, which runs from no pretrained files.
+    `model.*` keys set in `cli_overrides` (the command line) win over the smoke blocks, so
+    `debug=smoke model.tokenizer.decoder_channels=64` runs a 64-channel decoder.
     """
     with open_dict(cfg):
         smoke = cfg.model.pop("smoke", None)
@@ -71,8 +73,21 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
         if cfg.get("smoke"):
             if smoke is None:
                 raise ValueError("debug=smoke needs a `smoke` block in the model config (tiny sizes)")
+            given = {key: OmegaConf.select(cfg, key) for key in _model_keys(cli_overrides)}
             cfg.model = OmegaConf.merge(cfg.model, smoke, stage_smoke or {})
+            for key, value in given.items():
+                OmegaConf.update(cfg, key, value, merge=False, force_add=True)
     return cfg
+
+
+def _model_keys(overrides: abc.Sequence[str]) -> list[str]:
+    """The `model.*` keys that command-line overrides set (`key=value`, `+key=`, `++key=`)."""
+    keys = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+")
+        if "=" in override and not key.startswith("~") and key.startswith("model."):
+            keys.append(key)
+    return keys
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -37,12 +38,13 @@ def skipped_samples(trainer: L.Trainer, datamodule) -> dict[str, int]:
     return {name: int(total) for name, total in zip(names, totals.tolist())}
 
 
-def run_training(cfg: DictConfig) -> dict:
+def run_training(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict:
     """Check the config; instantiate data, model, callbacks, loggers and trainer; fit (resuming
     from `ckpt_path`); validate the final (EMA) weights; write `<run>/config.yaml` and
     `<run>/summary.json`. Returns the summary. A run stopped by SIGTERM / SIGUSR1 returns after
-    saving `last.ckpt`, without the final validation, with `summary["preempted"]` set."""
-    cfg = prepare_config(cfg)
+    saving `last.ckpt`, without the final validation, with `summary["preempted"]` set.
+    `cli_overrides`: the command line's overrides (see `prepare_config`)."""
+    cfg = prepare_config(cfg, cli_overrides)
     check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
