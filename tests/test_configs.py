@@ -61,3 +61,7 @@ def test_command_line_model_keys_win_over_the_smoke_block(tmp_path):
     assert cfg.model.tokenizer.decoder_channels == 64 and cfg.model.tokenizer.decoder_num_res_blocks == 3
     assert cfg.model.tokenizer.semantic_decoder_width == plain.model.tokenizer.semantic_decoder_width == 32
     assert "smoke" not in cfg.model
+    # A stage key the stage merge consumed is not put back.
+    staged = ["experiment=titok_b64", "debug=smoke", "model.stage=1", "model.stages.1.objective.aux_weight=2.0"]
+    cfg = prepare_config(compose_train(staged, tmp_path), cli_overrides=staged)
+    assert "stages" not in cfg.model

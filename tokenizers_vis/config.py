@@ -73,10 +73,12 @@ def prepare_config(cfg: DictConfig, cli_overrides: abc.Sequence[str] = ()) -> Di
         if cfg.get("smoke"):
             if smoke is None:
                 raise ValueError("debug=smoke needs a `smoke` block in the model config (tiny sizes)")
-            given = {key: OmegaConf.select(cfg, key) for key in _model_keys(cli_overrides)}
+            # Keys still present after the stage merge (not model.stages.*, which it consumed).
+            given = {key: OmegaConf.select(cfg, key, default=_ABSENT) for key in _model_keys(cli_overrides)}
             cfg.model = OmegaConf.merge(cfg.model, smoke, stage_smoke or {})
             for key, value in given.items():
-                OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+                if value is not _ABSENT:
+                    OmegaConf.update(cfg, key, value, merge=False, force_add=True)
     return cfg
 
 
