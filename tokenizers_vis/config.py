@@ -83,13 +83,11 @@ def prepare_config(cfg: DictConfig, cli_overrides: abc.Sequence[str] = ()) -> Di
 
 
 def _model_keys(overrides: abc.Sequence[str]) -> list[str]:
-    """The `model.*` keys that command-line overrides set (`key=value`, `+key=`, `++key=`)."""
-    keys = []
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+")
-        if "=" in override and not key.startswith("~") and key.startswith("model."):
-            keys.append(key)
-    return keys
+    """The `model.*` keys that command-line overrides set (`key=value`, `+key=`, `++key=`; not `~key`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [o.key_or_group for o in parsed if not o.is_delete() and o.key_or_group.startswith("model.")]
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:

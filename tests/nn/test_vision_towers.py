@@ -32,8 +32,9 @@ KEY = "model.semantic_encoder.pretrained"
 def load_fixture(shared_dir, case):
     from safetensors.torch import load_file
 
-    root = reference_path(shared_dir, "tokenflow", f"{case}.safetensors").parent
-    tensors = load_file(str(root / f"{case}.safetensors"))
+    path = reference_path(shared_dir, "tokenflow", f"{case}.safetensors")
+    root = path.parent
+    tensors = load_file(str(path))
     prefix = "state_dict.encoder_vqkd."
     state = {official_key_to_ours(k[len(prefix):]): v for k, v in tensors.items() if k.startswith(prefix)}
     io = {k[len("io."):]: v for k, v in tensors.items() if k.startswith("io.")}

@@ -198,7 +198,7 @@ class FlexTok(Tokenizer):
         position embedding. At 0.02 (ViT) the registers are nearly equal after the first block's
         residual and every register learns the same thing (on the demo after 3000 steps: codes of
         registers 1..15 correlated 0.86-0.97 with register 0 across images, k=16 decodes only
-        0.3 dB above k=1); 0.3 keeps them apart and the k gap grows ~4x faster.
+        0.3 dB above k=1); at 0.3 they stay apart and that gap was 2.2 dB after 3000 steps.
     """
 
     model_type = "flextok"

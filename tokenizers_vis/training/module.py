@@ -52,7 +52,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def load_initial_weights(tokenizer: Tokenizer, source: str | None = None, objective: nn.Module | None = None,
-                         exclude: Sequence[str] = ()) -> None:
+                         exclude: Sequence[str] | str | None = None) -> None:
     """Set the weights training starts from (before the EMA copy is taken).
 
     First the part the objective supplies, if it has `initial_weights(tokenizer)` (TiTok's
@@ -131,7 +131,7 @@ class TokenizerModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.save_hyperparameters(ignore=["tokenizer", "objective"], logger=False)
-        load_initial_weights(tokenizer, init_from, objective, init_from_exclude or ())
+        load_initial_weights(tokenizer, init_from, objective, init_from_exclude)
         self.tokenizer = tokenizer
         self.objective = objective
         prepare = getattr(objective, "prepare", None)
