@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from tokenizers_vis.evaluation import run_evaluation
-from tokenizers_vis.weights import MissingWeightsError
+from tokenizers_vis.nn.weights import MissingWeightsError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

@@ -263,7 +263,7 @@ def write_grid(originals: Tensor, reconstructions: Tensor, path: str | os.PathLi
     from torchvision.utils import save_image
 
     # The same layout as the training reconstruction grids.
-    from tokenizers_vis.training.callbacks import reconstruction_grid
+    from tokenizers_vis.metrics.grids import reconstruction_grid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -510,7 +510,7 @@ def run_evaluation(cfg: Mapping, conf_dir: str | os.PathLike | None = None) -> d
     Raises MissingWeightsError when `strict_fid` / `strict_lpips` is set and weights are missing.
     """
     from tokenizers_vis.data import make_eval_loader
-    from tokenizers_vis.hub import load_tokenizer
+    from tokenizers_vis.models.loading import load_tokenizer
 
     processes = setup_processes(int(cfg.get("devices", 1)), str(cfg.get("accelerator", "auto")))
     try:

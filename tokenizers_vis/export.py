@@ -27,20 +27,18 @@ import torch
 
 import tokenizers_vis
 from tokenizers_vis.card import DEFAULT_LICENSE, CardInfo, format_count, parameter_count, render_model_card
-from tokenizers_vis.hub import (
+from tokenizers_vis.hub import HubTokenError, hub_token, push_to_hub
+from tokenizers_vis.models.base import Tokenizer
+from tokenizers_vis.models.loading import (
     CONFIG_NAME,
     EMA_PREFIX,
     WEIGHTS_NAME,
     CheckpointError,
-    HubTokenError,
-    hub_token,
     load_folder,
-    push_to_hub,
     read_checkpoint,
     save_pretrained,
     tokenizer_from_checkpoint,
 )
-from tokenizers_vis.models.base import Tokenizer
 
 CARD_NAME = "README.md"
 GRID_NAME = "reconstructions.png"

@@ -97,3 +97,15 @@ def test_data_throughput(scripts, tmp_path):
     assert [row["workers"] for row in rows] == [0, 1]
     for row in rows:
         assert row["images_per_sec"] > 0 and row["batch_ms"] > 0 and row["first_batch_s"] > 0
+
+
+def test_ema_memory_reports_the_copy_owning_only_trainable_parameters():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        ema_memory = importlib.import_module("ema_memory")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    full = ema_memory.measure("full_copy", width=64, depth=1)
+    ours = ema_memory.measure("trainable_only", width=64, depth=1)
+    assert full["frozen_params"] > 0 and full["ema_own_params"] == full["frozen_params"] + full["trainable_params"]
+    assert ours["ema_own_params"] == ours["trainable_params"]

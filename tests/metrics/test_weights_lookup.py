@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenizers_vis.weights import MissingWeightsError, find_weights, hub_checkpoint_dir
+from tokenizers_vis.nn.weights import MissingWeightsError, find_weights, hub_checkpoint_dir
 
 
 def test_explicit_file_and_folder(tmp_path, empty_hub_dir):

@@ -129,7 +129,8 @@ def test_config_round_trip_rebuilds_the_same_model(tok):
 
 def test_tiny_vae_stage_and_loading_it_from_a_local_folder(tmp_path):
     pytest.importorskip("diffusers")
-    from tokenizers_vis.nn.pretrained import FrozenVAE, MissingPretrainedError
+    from tokenizers_vis.nn.pretrained import FrozenVAE
+    from tokenizers_vis.nn.weights import MissingWeightsError
 
     model = FlexTok(**{**TINY, "vae": TINY_VAE, "patch_size": 2}).eval()
     assert model.latent_size == 16 and model.latent_channels == 4
@@ -145,7 +146,7 @@ def test_tiny_vae_stage_and_loading_it_from_a_local_folder(tmp_path):
     model.vae.model.save_pretrained(tmp_path / "vae")
     loaded = FrozenVAE(pretrained=str(tmp_path / "vae"), scaling_factor=0.5)
     torch.testing.assert_close(loaded.encode(x * 2 - 1), model.vae.encode(x * 2 - 1))
-    with pytest.raises(MissingPretrainedError, match="vae.pretrained"):
+    with pytest.raises(MissingWeightsError, match="vae.pretrained"):
         FrozenVAE(pretrained=str(tmp_path / "missing"))
 
 

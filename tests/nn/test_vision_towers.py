@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import reference_path
 
 from tokenizers_vis.nn import vision_towers
-from tokenizers_vis.nn.pretrained import MissingPretrainedError
+from tokenizers_vis.nn.weights import MissingWeightsError
 from tokenizers_vis.nn.transformer import interpolate_position_table
 from tokenizers_vis.nn.vision_towers import (
     ClipVisionTower,
@@ -234,13 +234,13 @@ def _offline():
 
 @pytest.mark.parametrize("pretrained", ["/nonexistent/clip_visual.pt", "not-an-open-clip-model"])
 def test_clip_missing_weights_name_the_config_key(pretrained):
-    with pytest.raises(MissingPretrainedError, match=KEY):
+    with pytest.raises(MissingWeightsError, match=KEY):
         build_vision_tower("openai_clip", pretrained=pretrained, config_key=KEY)
 
 
 def test_clip_known_name_offline_with_empty_cache_raises_clear_error(tmp_path):
     _offline()
-    with pytest.raises(MissingPretrainedError, match=f"{KEY}.*local state-dict file"):
+    with pytest.raises(MissingWeightsError, match=f"{KEY}.*local state-dict file"):
         build_vision_tower("openai_clip", pretrained="ViT-B-16/openai", config_key=KEY, cache_dir=str(tmp_path))
 
 
@@ -248,5 +248,5 @@ def test_clip_known_name_offline_with_empty_cache_raises_clear_error(tmp_path):
                                         "google/siglip-so400m-patch14-384"])
 def test_siglip_missing_weights_name_the_config_key(pretrained, tmp_path):
     _offline()
-    with pytest.raises(MissingPretrainedError, match=KEY):
+    with pytest.raises(MissingWeightsError, match=KEY):
         build_vision_tower("siglip", pretrained=pretrained, config_key=KEY, cache_dir=str(tmp_path))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers_vis.losses.base import Batch, batch_pixels
 from tokenizers_vis.losses.objective import ReconstructionObjective
 from tokenizers_vis.nn.pretrained import FrozenModule
 
@@ -48,7 +49,7 @@ class DistillationObjective(ReconstructionObjective):
     def prepare(self, model: nn.Module) -> None:
         """Build the frozen teacher from the model (TokenizerModule calls this before training)."""
         if self.distill_weight > 0 and "teacher" not in self.frozen:
-            self.frozen["teacher"] = FrozenTeacher(model.build_teacher())
+            self.add_frozen("teacher", FrozenTeacher(model.build_teacher()))
 
     def teacher(self, model: nn.Module, device: torch.device) -> FrozenTeacher:
         if "teacher" not in self.frozen:
@@ -56,8 +57,9 @@ class DistillationObjective(ReconstructionObjective):
             self.frozen["teacher"].to(device)
         return self.frozen["teacher"]
 
-    def forward(self, model: nn.Module, images: torch.Tensor, step: int):
-        loss, logs, output = super().forward(model, images, step)
+    def forward(self, model: nn.Module, batch: Batch | torch.Tensor, step: int):
+        loss, logs, output = super().forward(model, batch, step)
+        images = batch_pixels(batch)
         predicted = output.encoded.extras.get("semantic")  # None: the semantic branch is frozen (stage 2)
         if self.distill_weight > 0 and predicted is not None:
             target = self.teacher(model, images.device)(model.semantic_input(images), model.grid)

@@ -1,7 +1,7 @@
 """The training objective of rectified-flow decoders (FlexTok): velocity MSE, plus REPA.
 
-Same interface as `ReconstructionObjective`: `forward(model, images, step) -> (loss, logs, output)`,
-no discriminator. The model supplies `flow_step(images)` (a `FlowStep`: predicted and target
+An `Objective` (losses/base.py): `forward(model, batch, step) -> (loss, logs, output)`, no
+discriminator. The model supplies `flow_step(images)` (a `FlowStep`: predicted and target
 velocity, and, with REPA on, its projected decoder features) and `output_from(step)`.
 
 REPA (Yu et al., 2024): the decoder's patch features at one layer, through the model's MLP
@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers_vis.losses.base import Batch, Objective, batch_pixels
 
-class FlowMatchingObjective(nn.Module):
+
+class FlowMatchingObjective(Objective):
     """loss = flow_weight * mse(v, eps - x0) + repa_weight * (1 - cos(projected, teacher)).
 
     repa_encoder: arguments of `tokenizers_vis.nn.pretrained.FrozenVisionEncoder` (used only when
         repa_weight > 0; the model must then have been built with `repa_layer`).
     """
-
-    discriminator = None
 
     def __init__(self, flow_weight: float = 1.0, repa_weight: float = 0.0,
                  repa_encoder: Mapping[str, Any] | None = None):
@@ -35,16 +35,13 @@ class FlowMatchingObjective(nn.Module):
             raise ValueError(f"loss weights must be >= 0, got flow_weight={flow_weight}, repa_weight={repa_weight}")
         self.flow_weight = flow_weight
         self.repa_weight = repa_weight
-        self.frozen = nn.ModuleDict()
         if repa_weight > 0:
             from tokenizers_vis.nn.pretrained import FrozenVisionEncoder
 
-            self.frozen["repa"] = FrozenVisionEncoder(**dict(repa_encoder or {}))
+            self.add_frozen("repa", FrozenVisionEncoder(**dict(repa_encoder or {})))
 
-    def discriminator_active(self, step: int) -> bool:
-        return False
-
-    def forward(self, model: nn.Module, images: torch.Tensor, step: int):
+    def forward(self, model: nn.Module, batch: Batch | torch.Tensor, step: int):
+        images = batch_pixels(batch)
         flow = model.flow_step(images)
         output = model.output_from(flow)
         flow_loss = output.aux_loss.float()

@@ -1,6 +1,6 @@
 """The training objective of pixel-reconstruction tokenizers: pixel + perceptual + model aux + GAN.
 
-Submodules, by role (the training module relies on these names):
+Submodules, by role (see `losses.base.Objective` for the hooks the training module calls):
   frozen         ModuleDict of frozen pretrained nets (LPIPS, ConvNeXt); kept out of checkpoints.
   discriminator  the GAN discriminator, or None; trained by its own optimizer via `discriminator_loss`.
   lecam          the LeCam EMA buffers, or None.
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenizers_vis.losses import gan
+from tokenizers_vis.losses.base import Batch, Objective, batch_pixels, detached
 from tokenizers_vis.losses.discriminator import build_discriminator
 from tokenizers_vis.losses.perceptual import ConvNeXtPerceptualLoss, LPIPSLoss
 
@@ -43,11 +44,7 @@ def _no_parameter_grads(module: nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-def _detached(logs: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in logs.items()}
-
-
-class ReconstructionObjective(nn.Module):
+class ReconstructionObjective(Objective):
     """loss = pixel_weight * pixel + lpips_weight * lpips + convnext_weight * convnext + aux_weight * aux
     + gan_weight * [adaptive weight] * hinge_g(D(reconstruction))   (GAN from `gan_start_step` on).
 
@@ -102,13 +99,12 @@ class ReconstructionObjective(nn.Module):
         self.use_adaptive_gan_weight = adaptive_gan_weight
         self.adaptive_gan_weight_max = adaptive_gan_weight_max
 
-        self.frozen = nn.ModuleDict()
         if lpips_weight > 0:
-            self.frozen["lpips"] = LPIPSLoss(random_backbone=random_perceptual_weights, vgg_weights=lpips_weights)
+            self.add_frozen("lpips", LPIPSLoss(random_backbone=random_perceptual_weights, vgg_weights=lpips_weights))
         if convnext_weight > 0:
-            self.frozen["convnext"] = ConvNeXtPerceptualLoss(
+            self.add_frozen("convnext", ConvNeXtPerceptualLoss(
                 random_backbone=random_perceptual_weights, weights=convnext_weights
-            )
+            ))
 
         use_gan = discriminator is not None and gan_weight > 0
         self.discriminator = build_discriminator(discriminator, **dict(discriminator_kwargs or {})) if use_gan else None
@@ -119,9 +115,10 @@ class ReconstructionObjective(nn.Module):
         return self.discriminator is not None and step >= self.gan_start_step
 
     def forward(
-        self, model: nn.Module, images: torch.Tensor, step: int
+        self, model: nn.Module, batch: Batch | torch.Tensor, step: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], ModelOutput]:
         """Generator objective. Returns (loss, detached logs, the model's output)."""
+        images = batch_pixels(batch)
         output: ModelOutput = model(images)
         # Losses in float32 on the raw (unclamped) reconstruction, whatever autocast the model ran in.
         reconstruction = output.reconstruction.float()
@@ -154,7 +151,7 @@ class ReconstructionObjective(nn.Module):
 
         logs["loss/total"] = loss
         logs.update(output.logs)
-        return loss, _detached(logs), output
+        return loss, detached(logs), output
 
     def _gan_balance(
         self, model: nn.Module, nll: torch.Tensor, g_loss: torch.Tensor, logs: dict[str, torch.Tensor]
@@ -199,7 +196,7 @@ class ReconstructionObjective(nn.Module):
             logs["loss/lecam"] = lecam
         logs["disc/logits_real"] = real_logits.float().mean()
         logs["disc/logits_fake"] = fake_logits.float().mean()
-        return loss, _detached(logs)
+        return loss, detached(logs)
 
     def extra_repr(self) -> str:
         return (

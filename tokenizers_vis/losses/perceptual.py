@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from tokenizers_vis.weights import MissingWeightsError, find_weights
+from tokenizers_vis.nn.pretrained import IMAGENET_MEAN, IMAGENET_STD, FrozenModule
+from tokenizers_vis.nn.weights import MissingWeightsError, find_weights, read_state_file
 
 # Hydra keys a user sets to provide the weights (named in the missing-weights error).
 LPIPS_WEIGHTS_KEY = "model.objective.lpips_weights"
@@ -28,14 +29,11 @@ RANDOM_WEIGHTS_KEY = "model.objective.random_perceptual_weights"
 VGG16_CACHE_FILE = "vgg16-397923af.pth"
 CONVNEXT_SMALL_CACHE_FILE = "convnext_small-0c510722.pth"
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def resolve_weights_file(path: str | None, cache_file: str, config_key: str) -> Path:
     """The local weights file to load: `path` if given, else the torch hub cache copy.
 
-    The lookup is `tokenizers_vis.weights.find_weights` (shared with the metrics); the error it
+    The lookup is `tokenizers_vis.nn.weights.find_weights` (shared with the metrics); the error it
     raises (a FileNotFoundError naming the file and the config key) gains the smoke-test hint.
     """
     try:
@@ -45,24 +43,12 @@ def resolve_weights_file(path: str | None, cache_file: str, config_key: str) -> 
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state_file(path)
     # Accept checkpoints saved from a DDP-wrapped model as well.
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-class _FrozenModule(nn.Module):
-    """A module whose parameters never train and which stays in eval mode (no dropout, fixed stats)."""
-
-    def freeze(self) -> None:
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> _FrozenModule:
-        # The parent objective is put in train mode during fitting; frozen nets must not follow.
-        return super().train(False)
-
-
-class LPIPSLoss(_FrozenModule):
+class LPIPSLoss(FrozenModule):
     """LPIPS (VGG16 trunk, v0.1 linear heads shipped inside the `lpips` package) on [0, 1] images."""
 
     def __init__(self, random_backbone: bool = False, vgg_weights: str | None = None):
@@ -78,7 +64,7 @@ class LPIPSLoss(_FrozenModule):
             self.lpips = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
         if weights_file is not None:
             self._load_vgg16(weights_file)
-        self.freeze()
+        self._freeze()
 
     def _load_vgg16(self, path: Path) -> None:
         """Load torchvision VGG16 `features.{i}.*` weights into lpips's `net.slice*.{i}.*` layers."""
@@ -97,7 +83,7 @@ class LPIPSLoss(_FrozenModule):
         return distance.float().mean()
 
 
-class ConvNeXtPerceptualLoss(_FrozenModule):
+class ConvNeXtPerceptualLoss(FrozenModule):
     """MSE between ConvNeXt-S ImageNet logits of reconstruction and target (TiTok's extra perceptual term)."""
 
     def __init__(self, random_backbone: bool = False, weights: str | None = None, input_size: int = 224):
@@ -112,7 +98,7 @@ class ConvNeXtPerceptualLoss(_FrozenModule):
         # Constants, not weights: kept out of the state dict.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.freeze()
+        self._freeze()
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.input_size, self.input_size):

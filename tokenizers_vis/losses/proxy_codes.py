@@ -7,9 +7,9 @@ own decoder turns (soft) codes back into pixels, which is why the student's froz
 and `pixel_quantize` are initialised from the teacher (`initial_weights`), and stage 2 later
 fine-tunes them.
 
-The objective presents the interface of `ReconstructionObjective` to the training module:
-`forward(model, images, step) -> (loss, logs, output)`, `frozen` (the teacher, kept out of
-checkpoints and rebuilt from config), `discriminator` (None), `discriminator_active` (never).
+An `Objective` (losses/base.py): `forward(model, batch, step) -> (loss, logs, output)`, the teacher
+in `frozen` (kept out of checkpoints and rebuilt from config), no discriminator, and
+`initial_weights` supplying the student's pixel decoder.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers_vis.losses.base import Batch, Objective, batch_pixels
 from tokenizers_vis.models.base import ModelOutput, Tokenizer
 from tokenizers_vis.models.vqgan import VQGAN, load_vqgan
 from tokenizers_vis.nn.quantizers import float32
@@ -29,7 +30,7 @@ from tokenizers_vis.nn.quantizers import float32
 TEACHER_KEY = "model.stages.1.objective.teacher"
 
 
-class ProxyCodeObjective(nn.Module):
+class ProxyCodeObjective(Objective):
     """loss = CE(proxy-code logits, teacher codes) + aux_weight * the model's quantizer loss.
 
     teacher: the teacher VQGAN: a MaskGIT-VQGAN state-dict file in the official layout, or one of
@@ -38,8 +39,6 @@ class ProxyCodeObjective(nn.Module):
         is None (tests and smoke runs; never a real recipe).
     aux_weight: weight of the model's quantizer loss (1.0 in the released recipe).
     """
-
-    discriminator = None
 
     def __init__(self, teacher: str | None = None, random_teacher: Mapping[str, Any] | None = None,
                  aux_weight: float = 1.0):
@@ -54,22 +53,11 @@ class ProxyCodeObjective(nn.Module):
             raise ValueError(f"the proxy-code objective needs a teacher VQGAN: set {TEACHER_KEY}=PATH (the official "
                              "maskgit-vqgan-imagenet-f16-256.bin, or a VQGAN checkpoint / folder of ours)")
         self.aux_weight = aux_weight
-        self.frozen = nn.ModuleDict({"teacher": vqgan.requires_grad_(False).eval()})
+        self.add_frozen("teacher", vqgan)
 
     @property
     def teacher(self) -> VQGAN:
         return self.frozen["teacher"]
-
-    def train(self, mode: bool = True) -> ProxyCodeObjective:
-        super().train(mode)
-        self.frozen.eval()  # the teacher always labels as at inference
-        return self
-
-    def discriminator_active(self, step: int) -> bool:
-        return False
-
-    def discriminator_loss(self, images: torch.Tensor, reconstructions: torch.Tensor, step: int):
-        raise RuntimeError("the proxy-code objective has no discriminator; check discriminator_active(step) first")
 
     def initial_weights(self, tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
         """The teacher's codebook and decoder as the student's `pixel_quantize` / `pixel_decoder`, so
@@ -86,9 +74,10 @@ class ProxyCodeObjective(nn.Module):
             return self.teacher.code_grid(images.float())
 
     def forward(
-        self, model: nn.Module, images: torch.Tensor, step: int
+        self, model: nn.Module, batch: Batch | torch.Tensor, step: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], ModelOutput]:
         """Generator objective. Returns (loss, detached logs, the model's output without pixels)."""
+        images = batch_pixels(batch)
         codes = self.teacher_codes(images)
         output: ModelOutput = model(images, pixels=False)
         logits = output.encoded.extras["proxy_logits"].float()

@@ -11,7 +11,7 @@ from tokenizers_vis.metrics.fid import (
 from tokenizers_vis.metrics.image import per_frame, psnr_per_image, quantize, ssim_per_image, to_uint8
 from tokenizers_vis.metrics.perceptual import VGG16_WEIGHTS_FILE, LPIPSMetric, build_lpips_vgg
 from tokenizers_vis.metrics.reconstruction import METRIC_KEYS, ReconstructionMetrics
-from tokenizers_vis.weights import MissingWeightsError, find_weights
+from tokenizers_vis.nn.weights import MissingWeightsError, find_weights
 
 __all__ = [
     "CodebookUsage",

@@ -24,7 +24,8 @@ from tokenizers_vis.metrics.distributed import (
     is_distributed,
 )
 from tokenizers_vis.metrics.image import to_uint8
-from tokenizers_vis.weights import find_weights
+from tokenizers_vis.nn.pretrained import FrozenModule
+from tokenizers_vis.nn.weights import find_weights
 
 __all__ = [
     "INCEPTION_WEIGHTS_FILE",
@@ -176,7 +177,7 @@ def frechet_distance(mu1: Any, cov1: Any, mu2: Any, cov2: Any, eps: float = 1e-6
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * np.trace(covmean))
 
 
-class InceptionFeatures(nn.Module):
+class InceptionFeatures(FrozenModule):
     """2048-d pool3 features of the TF-FID Inception-v3, exactly as torch-fidelity computes them.
 
     Wraps torch-fidelity's ``FeatureExtractorInceptionV3`` (its weights and its TF1-style
@@ -199,9 +200,7 @@ class InceptionFeatures(nn.Module):
         self.net = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
         )
-
-    def train(self, mode: bool = True) -> "InceptionFeatures":
-        return super().train(False)  # batch-norm statistics are part of the standard
+        self._freeze()  # eval mode always: the batch-norm statistics are part of the standard
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

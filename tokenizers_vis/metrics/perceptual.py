@@ -12,9 +12,10 @@ import warnings
 
 import lpips
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from tokenizers_vis.weights import find_weights
+from tokenizers_vis.nn.pretrained import FrozenModule
+from tokenizers_vis.nn.weights import find_weights, read_state_file
 
 __all__ = ["VGG16_WEIGHTS_FILE", "build_lpips_vgg", "LPIPSMetric"]
 
@@ -43,7 +44,7 @@ def build_lpips_vgg(
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     if path is not None:
-        vgg = torch.load(path, map_location="cpu", weights_only=True)
+        vgg = read_state_file(path)
         # lpips slices torchvision's `features` Sequential but keeps each layer's index:
         # "net.slice3.10.weight" is torchvision's "features.10.weight".
         trunk = {name: vgg[f"features.{name.split('.', 1)[1]}"] for name in model.net.state_dict()}
@@ -52,19 +53,17 @@ def build_lpips_vgg(
     return model.eval()
 
 
-class LPIPSMetric(nn.Module):
+class LPIPSMetric(FrozenModule):
     """Per-image LPIPS-VGG distance for [0, 1] images: ``metric(x, y) -> (B,)``.
 
-    Runs in float32 without gradients, whatever autocast the caller is under.
+    Runs in float32 without gradients, whatever autocast the caller is under; a metric never
+    trains, so it stays in eval mode (dropout in the linear heads off).
     """
 
     def __init__(self, weights_path: str | os.PathLike | None = None, random_backbone: bool = False):
         super().__init__()
         self.lpips = build_lpips_vgg(weights_path, random_backbone)
-
-    def train(self, mode: bool = True) -> "LPIPSMetric":
-        # A metric never trains: keep dropout in the linear heads off.
-        return super().train(False)
+        self._freeze()
 
     @torch.no_grad()
     def forward(self, x: Tensor, y: Tensor) -> Tensor:

@@ -13,11 +13,11 @@ from torch import Tensor, nn
 from tokenizers_vis.metrics.codebook import CodebookUsage
 from tokenizers_vis.metrics.distributed import all_reduce_sum
 from tokenizers_vis.metrics.fid import StreamingFID
-from tokenizers_vis.metrics.image import psnr_per_image, ssim_per_image, to_uint8
+from tokenizers_vis.metrics.image import per_frame, psnr_per_image, ssim_per_image, to_uint8
 from tokenizers_vis.metrics.perceptual import LPIPSMetric
-from tokenizers_vis.weights import MissingWeightsError
+from tokenizers_vis.nn.weights import MissingWeightsError
 
-__all__ = ["ReconstructionMetrics", "METRIC_KEYS"]
+__all__ = ["ReconstructionMetrics", "METRIC_KEYS", "VIDEO_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,16 @@ METRIC_KEYS = (
     "codebook_perplexity",
     "num_images",
 )
+# Added to the results of a stream of videos (after METRIC_KEYS); image results stay METRIC_KEYS.
+VIDEO_KEYS = ("num_videos",)
 
 # Layout of the float64 sums vector: one tensor, so combining ranks is a single all-reduce.
-_PSNR, _SSIM, _LPIPS, _COUNT = range(4)
+# _IMAGES counts images, or the frames of videos; _VIDEOS counts videos (0 for image batches).
+_PSNR, _SSIM, _LPIPS, _IMAGES, _VIDEOS = range(5)
+_NUM_SUMS = 5
+
+_psnr_per_frame = per_frame(psnr_per_image)
+_ssim_per_frame = per_frame(ssim_per_image)
 
 
 class ReconstructionMetrics:
@@ -41,7 +48,10 @@ class ReconstructionMetrics:
 
     Both images are quantised to uint8 (round, clamp) before any metric, as the standard asks;
     PSNR/SSIM/LPIPS are means over images of per-image values. Video batches (B, T, 3, H, W)
-    are measured frame by frame, and ``num_images`` then counts frames.
+    are measured frame by frame: PSNR/SSIM/LPIPS are averaged over each video's frames, then
+    over videos (each video counts once, whatever its length); rFID takes every frame as an
+    image. ``num_images`` counts the images measured (for video, the frames), and video results
+    add ``num_videos``. A stream holds images or videos, not both, until ``reset()``.
 
     Distributed: ``compute()`` sums all state over ranks (every rank must call it), so with
     disjoint shards each image counts once.
@@ -100,7 +110,8 @@ class ReconstructionMetrics:
         return self
 
     def reset(self) -> None:
-        self._sums = torch.zeros(4, dtype=torch.float64)
+        self._sums = torch.zeros(_NUM_SUMS, dtype=torch.float64)
+        self._kind: str | None = None  # "image" or "video" once a batch came
         if self.fid is not None:
             self.fid.reset()
         if self.codebook is not None:
@@ -108,52 +119,61 @@ class ReconstructionMetrics:
 
     @torch.no_grad()
     def update(self, real: Tensor, recon: Tensor, ids: Tensor | None = None) -> None:
-        """Add a batch: ``real`` and ``recon`` float in [0, 1], (B, 3, H, W) or (B, T, 3, H, W)."""
-        if real.shape != recon.shape:
-            raise ValueError(f"originals {tuple(real.shape)} and reconstructions {tuple(recon.shape)} differ in shape")
-        if real.dim() == 5:
-            real, recon = real.flatten(0, 1), recon.flatten(0, 1)
-        if real.dim() != 4:
-            raise ValueError(f"expected (B, 3, H, W) or (B, T, 3, H, W) images, got shape {tuple(real.shape)}")
+        """Add a batch: ``real`` and ``recon`` float in [0, 1], images (B, 3, H, W) or videos
+        (B, T, 3, H, W); ``ids`` the batch's token ids (any shape) for codebook usage."""
+        kind = _check_batch(real, recon)
+        if self._kind not in (None, kind):
+            raise ValueError(f"this stream holds {self._kind}s, got a batch of {kind}s, shape {tuple(real.shape)}; "
+                             "measure images and videos with separate ReconstructionMetrics (or reset() first)")
 
         real_u8, recon_u8 = to_uint8(real), to_uint8(recon)
         real_q, recon_q = real_u8.float() / 255.0, recon_u8.float() / 255.0
-        batch = torch.zeros(4, dtype=torch.float64, device=real.device)
+        video = kind == "video"
+        batch = torch.zeros(_NUM_SUMS, dtype=torch.float64, device=real.device)
         # k / 255 in float64, so PSNR equals scikit-image on the uint8 images to rounding error.
-        batch[_PSNR] = psnr_per_image(real_u8.double() / 255.0, recon_u8.double() / 255.0, data_range=1.0).sum()
-        batch[_SSIM] = ssim_per_image(real_q, recon_q, data_range=1.0).sum()
+        psnr = _psnr_per_frame(real_u8.double() / 255.0, recon_u8.double() / 255.0, data_range=1.0)
+        batch[_PSNR] = _per_item(psnr, video).sum()
+        batch[_SSIM] = _per_item(_ssim_per_frame(real_q, recon_q, data_range=1.0), video).sum()
         if self.lpips is not None:
-            batch[_LPIPS] = self.lpips(real_q, recon_q).double().sum().to(real.device)
-        batch[_COUNT] = real.shape[0]
+            batch[_LPIPS] = _per_item(per_frame(self.lpips)(real_q, recon_q), video).sum().to(real.device)
+        batch[_IMAGES] = real.shape[0] * real.shape[1] if video else real.shape[0]
+        batch[_VIDEOS] = real.shape[0] if video else 0
         if self._sums.device != batch.device:
             self._sums = self._sums.to(batch.device)
         self._sums += batch
+        self._kind = kind
 
         if self.fid is not None:
+            if video:  # rFID over frames: every frame is one sample of the image statistics
+                real_u8, recon_u8 = real_u8.flatten(0, 1), recon_u8.flatten(0, 1)
             self.fid.update(real_u8, recon_u8)
         if ids is not None and self.codebook is not None:
             self.codebook.update(ids)
 
     def compute(self) -> dict[str, float | int | None]:
-        """All metrics over all ranks; None for those not computed (see ``METRIC_KEYS``).
+        """All metrics over all ranks; None for those not computed (see ``METRIC_KEYS``; a stream
+        of videos adds ``VIDEO_KEYS``).
 
         ``psnr`` is ``inf`` if every image is reconstructed exactly; ``codebook_entropy`` is in bits.
         """
         sums = all_reduce_sum(self._sums).tolist()
-        n = int(sums[_COUNT])
+        num_images, num_videos = int(sums[_IMAGES]), int(sums[_VIDEOS])
+        n = num_videos or num_images  # what the PSNR/SSIM/LPIPS means are over
         result: dict[str, float | int | None] = dict.fromkeys(METRIC_KEYS)
-        result["num_images"] = n
+        result["num_images"] = num_images
+        if num_videos:
+            result["num_videos"] = num_videos
         if n > 0:
             result["psnr"] = sums[_PSNR] / n
             result["ssim"] = sums[_SSIM] / n
             if self.lpips is not None:
                 result["lpips"] = sums[_LPIPS] / n
         if self.fid is not None:
-            # n is the same on every rank, so all ranks agree on whether to run the collective.
-            if n >= 2:
+            # The counts are the same on every rank, so all ranks agree on running the collective.
+            if num_images >= 2:
                 result["rfid"] = self.fid.compute()
             else:
-                log.warning("rFID needs at least 2 images, got %d", n)
+                log.warning("rFID needs at least 2 images, got %d", num_images)
         if self.codebook is not None:
             stats = self.codebook.compute()
             if stats["total"] > 0:
@@ -161,3 +181,24 @@ class ReconstructionMetrics:
                 result["codebook_entropy"] = stats["entropy_bits"]
                 result["codebook_perplexity"] = stats["perplexity"]
         return result
+
+
+def _per_item(values: Tensor, video: bool) -> Tensor:
+    """Per-image values (B,) as they are; per-frame values (B, T) -> per-video means (B,)."""
+    return values.double().mean(dim=1) if video else values.double()
+
+
+def _check_batch(real: Tensor, recon: Tensor) -> str:
+    """"image" for (B, 3, H, W) batches, "video" for (B, T, 3, H, W); a ValueError naming the
+    expected layouts otherwise."""
+    if real.shape != recon.shape:
+        raise ValueError(f"originals {tuple(real.shape)} and reconstructions {tuple(recon.shape)} differ in shape")
+    if real.dim() == 4:
+        return "image"
+    if real.dim() == 5 and real.shape[1] > 0 and real.shape[2] == 3:
+        return "video"
+    hint = ""
+    if real.dim() == 5 and real.shape[1] == 3:
+        hint = "; channels-first video (B, 3, T, H, W) needs x.transpose(1, 2)"
+    raise ValueError(f"expected images (B, 3, H, W) or videos (B, T, 3, H, W) with T >= 1, got shape "
+                     f"{tuple(real.shape)}{hint}")

@@ -1,4 +1,5 @@
-"""Tokenizers. Importing this package registers every model type with `build_tokenizer`."""
+"""Tokenizers. Importing this package registers every model type with `build_tokenizer`, and every
+released layout with the official-format registry (models/official.py) that `load_tokenizer` asks."""
 
 from tokenizers_vis.models.base import Encoded, ModelOutput, Tokenizer, build_tokenizer, register_tokenizer
 
@@ -13,3 +14,8 @@ __all__ += ["FlexTok"]
 from tokenizers_vis.models.tokenflow import TokenFlow  # noqa: E402  (registers "tokenflow")
 
 __all__ += ["TokenFlow"]
+
+# The released layouts (each registers its official format; vqgan.py registers the MaskGIT-VQGAN file).
+import tokenizers_vis.models.flextok_official  # noqa: E402,F401
+import tokenizers_vis.models.titok_official  # noqa: E402,F401
+import tokenizers_vis.models.tokenflow_official  # noqa: E402,F401

@@ -1,7 +1,10 @@
-"""The `Tokenizer` contract every model implements, and the registry that rebuilds models from config.
+"""The `Tokenizer` contract every model implements, the registry that rebuilds models from config,
+and the batch contract.
 
-Images at the public boundary are float tensors in [0, 1], shape (B, 3, H, W). Each model maps
-them to its own internal range inside.
+Images at the public boundary are float tensors in [0, 1], shape (B, 3, H, W); video is
+(B, T, 3, H, W). Each model maps them to its own internal range inside. A batch (what loaders
+yield, objectives and metrics take) is `{"image": (B, 3, H, W)}` or `{"video": (B, T, 3, H, W)}`,
+plus optional `"text"` (list of str) and `"key"`.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,6 +20,26 @@ import torch
 from torch import nn
 
 _REGISTRY: dict[str, type[Tokenizer]] = {}
+
+# -- the batch contract ------------------------------------------------------------------------
+Batch = Mapping[str, Any]
+VISUAL_KEYS = ("image", "video")
+
+
+def as_batch(batch: Batch | torch.Tensor) -> Batch:
+    """The batch dict; a bare tensor of images (or video, 5-D) becomes `{"image"|"video": tensor}`."""
+    if isinstance(batch, torch.Tensor):
+        return {"video" if batch.dim() == 5 else "image": batch}
+    if not isinstance(batch, Mapping) or not any(k in batch for k in VISUAL_KEYS):
+        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"a batch is a dict with 'image' (B, 3, H, W) or 'video' (B, T, 3, H, W); got {keys}")
+    return batch
+
+
+def batch_pixels(batch: Batch | torch.Tensor) -> torch.Tensor:
+    """The visual input of a batch: its images, or its video when it holds no images."""
+    batch = as_batch(batch)
+    return batch["image"] if "image" in batch else batch["video"]
 
 
 def register_tokenizer(cls: type[Tokenizer]) -> type[Tokenizer]:
@@ -130,6 +154,9 @@ class Tokenizer(nn.Module, ABC):
         return dict(self.__dict__.get("_config", {"model_type": self.model_type}))
 
     # -- the contract --------------------------------------------------------------------------
+    # "image": encode/decode/forward take (B, 3, H, W); "video": (B, T, 3, H, W). Loaders, metrics
+    # and grids accept both, so a video model plugs into the same training and evaluation.
+    input_kind: ClassVar[str] = "image"
     image_size: int
     num_tokens: int
     codebook_size: int | None = None
@@ -150,6 +177,42 @@ class Tokenizer(nn.Module, ABC):
     def reconstruct(self, images: torch.Tensor, **sampling) -> torch.Tensor:
         """encode + decode, clamped to [0, 1]."""
         return self.decode(self.encode(images), **sampling).clamp(0, 1)
+
+    # -- which parts train ----------------------------------------------------------------------
+    # The one way every model and training stage says what trains: `freeze_parts(frozen=[...])` or
+    # `freeze_parts(trainable=[...])` over the model's top-level parts, usually from an __init__
+    # argument. Frozen parts get requires_grad=False, stay in eval mode under `train()` (a frozen
+    # quantizer restarts no codes, a frozen branch drops no scales) and never enter the optimizer
+    # or the EMA copy.
+    frozen_parts: tuple[str, ...] = ()
+
+    def freezable_parts(self) -> list[str]:
+        """Top-level parts that `freeze_parts` may name: child modules and direct parameters."""
+        return [name for name, _ in self.named_children()] + [name for name, _ in self.named_parameters(recurse=False)]
+
+    def freeze_parts(self, frozen: Sequence[str] = (), trainable: Sequence[str] | None = None) -> None:
+        """Freeze the parts named in `frozen`, or every part except those in `trainable`."""
+        if trainable is not None and frozen:
+            raise ValueError(f"name the parts that train or those that are frozen, not both: frozen={list(frozen)}, "
+                             f"trainable={list(trainable)}")
+        available = self.freezable_parts()
+        named = list(frozen) if trainable is None else list(trainable)
+        unknown = sorted(set(named) - set(available))
+        if unknown:
+            verb = "freeze" if trainable is None else "train only"
+            raise ValueError(f"cannot {verb} {unknown}: this {self.model_type} has the parts {available}")
+        parts = tuple(named) if trainable is None else tuple(p for p in available if p not in set(trainable))
+        for name in parts:
+            getattr(self, name).requires_grad_(False)
+        self.frozen_parts = parts
+
+    def train(self, mode: bool = True) -> Tokenizer:
+        super().train(mode)
+        for name in self.frozen_parts:
+            part = getattr(self, name)
+            if isinstance(part, nn.Module):
+                part.eval()  # frozen parts run as at inference
+        return self
 
     def last_layer_weight(self) -> torch.Tensor | None:
         """Weight of the layer that produces pixels (for the adaptive GAN weight); None if n/a."""
@@ -174,6 +237,15 @@ class Tokenizer(nn.Module, ABC):
         size = getattr(self, "image_size", None)
         if size and (h, w) != (size, size):
             raise ValueError(f"this {self.model_type} tokenizer expects {size}x{size} images, got {h}x{w}")
+
+    def check_video(self, video: torch.Tensor, num_frames: int | None = None, patch_size: int | None = None) -> None:
+        """Checks for video tokenizers: float (B, T, 3, H, W) in [0, 1], `num_frames` frames if given."""
+        if not isinstance(video, torch.Tensor) or video.dim() != 5:
+            shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(f"expected video of shape (B, T, 3, H, W) in [0, 1], got {shape}")
+        if num_frames is not None and video.shape[1] != num_frames:
+            raise ValueError(f"this {self.model_type} tokenizer takes clips of {num_frames} frames, got {video.shape[1]}")
+        self.check_images(video.flatten(0, 1), patch_size)
 
     def check_ids(self, ids: torch.Tensor, num_tokens: int | None = None) -> None:
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):

@@ -9,7 +9,8 @@ An image becomes 1 to N ordered discrete tokens:
   every prefix must describe the image on its own (coarse to fine);
 - the decoder is a rectified-flow transformer over [noised latent patches, registers] with
   adaLN-zero time modulation (one set for patches, one for registers) that predicts the velocity;
-  the registers are replaced by a learned null condition for classifier-free guidance.
+  the registers are replaced by a learned null condition for classifier-free guidance. Its training
+  pass and sampler go through the shared `DiffusionDecoder` (`flow_decoder()`).
 
 Blocks follow the released model: pre-norm without affine, QK-norm, SwiGLU, no biases, attention
 scale 8/head_dim (muP). Parameter names are ours; `tokenizers_vis.models.flextok_official` maps
@@ -31,13 +32,8 @@ from torch import nn
 
 from tokenizers_vis.models.base import Encoded, ModelOutput, Tokenizer, _plain, register_tokenizer
 from tokenizers_vis.nn.attention import prefix_causal_mask
-from tokenizers_vis.nn.diffusion import (
-    denoised_estimate,
-    euler_sample,
-    logit_normal_timesteps,
-    noised,
-    velocity_target,
-)
+from tokenizers_vis.nn.diffusion import denoised_estimate
+from tokenizers_vis.nn.diffusion_decoder import ConditionAdapter, DiffusionDecoder, RectifiedFlowEuler
 from tokenizers_vis.nn.quantizers import build_quantizer
 from tokenizers_vis.nn.transformer import PatchEmbed, Transformer, init_vit_weights, sincos_2d_position_embedding
 
@@ -147,6 +143,11 @@ class FlexTokDecoder(nn.Module):
             x = torch.where(drop[:, None, None], self.null_condition.to(x), x)
         return x
 
+    def null_registers(self, registers: torch.Tensor) -> torch.Tensor:
+        """The unconditional registers of CFG: every token the null condition (what `condition` gives
+        with drop set, whatever the codes and keep)."""
+        return self.null_condition.to(registers).expand_as(registers)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, registers: torch.Tensor, layer: int | None = None):
         """(velocity, patch-token hidden states after block `layer` or None)."""
         patches = self.patch_embed(x_t) + self.pos_embed
@@ -156,6 +157,19 @@ class FlexTokDecoder(nn.Module):
                                                         self.groups, layer)
         velocity = self.head(x[:, :n], temb, self.grid_size)
         return velocity, (hidden[:, :n] if hidden is not None else None)
+
+
+class FlexTokCondition(ConditionAdapter):
+    """The register tokens from `FlexTokDecoder.condition` as the decoder's `registers`; unconditional:
+    all of them the null condition. `layer`: the block whose patch features the decoder also returns
+    (REPA during training)."""
+
+    def __init__(self, decoder: FlexTokDecoder, layer: int | None = None):
+        super().__init__("registers", {"layer": layer})
+        self.decoder = decoder
+
+    def unconditional(self, condition: torch.Tensor) -> dict[str, Any]:
+        return {"registers": self.decoder.null_registers(condition), **self.extra}
 
 
 @dataclass
@@ -339,6 +353,14 @@ class FlexTok(Tokenizer):
         x = latents if self.vae is None else self.vae.decode(latents)
         return (x + 1) / 2
 
+    def flow_decoder(self, repa: bool = False) -> DiffusionDecoder:
+        """The decoder behind the shared diffusion interface: rectified flow, FlexTok's Euler sampler,
+        logit-normal training timesteps. Built on use and kept out of the module tree, so the decoder
+        and VAE keep their state-dict names (official conversion and exported checkpoints use them)."""
+        return DiffusionDecoder(self.decoder, RectifiedFlowEuler(),
+                                FlexTokCondition(self.decoder, self.repa_layer if repa else None), vae=self.vae,
+                                prediction_type="flow", logit_mean=self.t_mean, logit_std=self.t_std)
+
     # -- tokenize / detokenize -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, vae_noise: torch.Tensor | None = None) -> Encoded:
         """ids (B, N) and their FSQ codes (B, N, 6). The VAE posterior mean, or mean + std * vae_noise."""
@@ -402,14 +424,8 @@ class FlexTok(Tokenizer):
         expected = (b, self.latent_channels, self.latent_size, self.latent_size)
         if tuple(noise.shape) != expected:
             raise ValueError(f"noise must have shape {expected}, got {tuple(noise.shape)}")
-        codes = self.quantize.embed(ids)
-        keep = torch.full((b,), k, device=device)
-        cond = self.decoder.condition(codes, keep)
-        uncond = self.decoder.condition(codes, keep, torch.ones(b, dtype=torch.bool, device=device))
-        return euler_sample(
-            lambda x, t: self.decoder(x, t, cond)[0], noise.to(device, cond.dtype), steps, guidance,
-            lambda x, t: self.decoder(x, t, uncond)[0], apg=apg,
-        )
+        cond = self.decoder.condition(self.quantize.embed(ids), torch.full((b,), k, device=device))
+        return self.flow_decoder().sample(cond, steps, guidance, noise.to(device, cond.dtype), apg=apg)
 
     # -- training --------------------------------------------------------------------------------------
     def sample_keep(self, batch: int, device=None) -> torch.Tensor:
@@ -437,14 +453,12 @@ class FlexTok(Tokenizer):
         codes, ids, _ = self.quantize(self.encoder(x0))
         keep = self.sample_keep(b, images.device)
         drop = torch.rand(b, device=images.device) < self.cond_dropout if self.training else None
-        cond = self.decoder.condition(codes, keep, drop)
-        t = logit_normal_timesteps(b, self.t_mean, self.t_std, device=images.device)
-        noise = torch.randn_like(x0)
-        x_t = noised(x0, noise, t)
-        velocity, hidden = self.decoder(x_t, t, cond, self.repa_layer)
+        # Logit-normal t, then the noise, both from the global RNG (the order of the draws before).
+        step = self.flow_decoder(repa=True).training_step(x0, self.decoder.condition(codes, keep, drop))
+        hidden = step.extras[0] if step.extras else None
         if hidden is not None:
             hidden = self.repa_projector(hidden)
-        return FlowStep(velocity=velocity, target=velocity_target(x0, noise), x_t=x_t, t=t, keep=keep,
+        return FlowStep(velocity=step.prediction, target=step.target, x_t=step.x_t, t=step.timesteps, keep=keep,
                         encoded=Encoded(ids=ids, latents=codes), hidden=hidden)
 
     def output_from(self, step: FlowStep) -> ModelOutput:

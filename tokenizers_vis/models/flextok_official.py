@@ -10,6 +10,10 @@ the one mapping below), then loads strictly into our `FlexTok`.
 The VAE is rebuilt from `OFFICIAL_VAE_CONFIG` (its weights are in the checkpoint, so nothing is
 downloaded); the keys of the released VAE match it. A config may carry
 `reference_fixture.vae_effective_diffusers_config` (the small test fixture does), which wins.
+
+Importing this module registers the layout as the official format "flextok" (models/official.py),
+through which `load_tokenizer` reads such folders. There is no writer: our FlexTok is not saved
+in the released layout.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch
 from safetensors import safe_open
 
 from tokenizers_vis.models.flextok import FlexTok
+from tokenizers_vis.models.official import OfficialFormat, register_official_format
+from tokenizers_vis.nn.weights import read_state_file
 
 OFFICIAL_TARGET = "flextok.flextok_wrapper.FlexTok"
 # The diffusers AutoencoderKL of the released FlexTok VAE (SDXL-style blocks, 16 latent channels).
@@ -180,8 +186,6 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], channels: int) -> dict
 def load_official(directory: str | os.PathLike, config: Mapping[str, Any] | None = None,
                   image_size: int | None = None) -> FlexTok:
     """Our FlexTok, in eval mode, from a released FlexTok folder (or one in its layout)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config = config or read_official_config(directory)
     if config is None:
@@ -191,7 +195,7 @@ def load_official(directory: str | os.PathLike, config: Mapping[str, Any] | None
         raise FileNotFoundError(f"{directory} holds no .safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
+        state.update(read_state_file(file))
     kwargs = convert_config(config, image_size)
     model = FlexTok(**kwargs)
     converted = convert_state_dict(state, model.latent_channels)
@@ -206,3 +210,12 @@ def load_official(directory: str | os.PathLike, config: Mapping[str, Any] | None
     model.load_state_dict(converted, strict=True)
     return model.eval()
 
+
+def is_official_flextok_folder(directory: str | os.PathLike) -> bool:
+    """True for a folder holding a FlexTok `_target_` config (config.json or safetensors metadata)."""
+    return Path(directory).is_dir() and read_official_config(directory) is not None
+
+
+OFFICIAL_FORMAT = register_official_format(OfficialFormat(
+    name="flextok", recognise=is_official_flextok_folder, load=load_official,
+))

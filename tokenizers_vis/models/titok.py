@@ -161,7 +161,6 @@ class TiTok(Tokenizer):
     """
 
     model_type = "titok"
-    frozen_parts: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -247,16 +246,10 @@ class TiTok(Tokenizer):
                 channel_mult=tuple(pixel_decoder_channel_mult), num_res_blocks=pixel_decoder_res_blocks,
                 maskgit_shortcut=True,
             )
-        self._freeze(tuple(frozen))
+        self.freeze_parts(frozen=tuple(frozen))
 
-    def _freeze(self, parts: tuple[str, ...]) -> None:
-        available = [p for p in FREEZABLE_PARTS if hasattr(self, p)]
-        unknown = sorted(set(parts) - set(available))
-        if unknown:
-            raise ValueError(f"cannot freeze {unknown}: this TiTok (head={self.head_kind!r}) has the parts {available}")
-        self.frozen_parts = parts
-        for name in parts:
-            getattr(self, name).requires_grad_(False)
+    def freezable_parts(self) -> list[str]:
+        return [p for p in FREEZABLE_PARTS if hasattr(self, p)]
 
     # -- Tokenizer API -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, sample: bool = False, noise: torch.Tensor | None = None) -> Encoded:
@@ -328,14 +321,6 @@ class TiTok(Tokenizer):
                 "the VQGAN's decoder and codebook do not fit this TiTok's pixel decoder (proxy_codebook_size, "
                 f"pixel_decoder_*): missing {missing[:4]}, unexpected {unexpected[:4]}, other shapes {mismatched[:4]}")
         return taken
-
-    def train(self, mode: bool = True) -> TiTok:
-        super().train(mode)
-        for name in self.frozen_parts:
-            part = getattr(self, name)
-            if isinstance(part, nn.Module):
-                part.eval()  # as at inference: e.g. a frozen quantizer restarts no dead codes
-        return self
 
     def forward(self, images: torch.Tensor, pixels: bool = True) -> ModelOutput:
         """encode + decode. pixels=False (proxy-code head only) stops at the logits, which stage-1

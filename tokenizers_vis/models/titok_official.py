@@ -4,7 +4,9 @@ A released Hub repo (e.g. `yucornetto/tokenizer_titok_l32_imagenet`) holds `conf
 official nested config (`model.vq_model.*`, `dataset.preprocessing.crop_size`, ...), and the
 weights as `model.safetensors` or `pytorch_model.bin`. `load_official` turns such a folder into our
 `TiTok` (config conversion, then the one key mapping below, then a strict load); `save_official`
-writes one of our TiTok models in that layout so the official code can run it.
+writes one of our TiTok models in that layout so the official code can run it. Importing this
+module registers the layout as the official format "titok" (models/official.py), through which
+`load_tokenizer` reads such folders.
 
 Two optional top-level keys of config.json extend the official format so that small models can be
 described (the official code ignores top-level keys it does not read):
@@ -31,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tokenizers_vis.models.base import build_tokenizer
+from tokenizers_vis.models.official import OfficialFormat, register_official_format
 from tokenizers_vis.models.titok import MODEL_SIZES, TiTok, resolve_size
+from tokenizers_vis.nn.weights import read_state_file
 
 # What the official TiTok hard-codes for its pixel decoder and proxy codebook (1024 x 256).
 MASKGIT_PIXEL_DECODER = {
@@ -241,11 +245,10 @@ def official_config(tokenizer: TiTok, weights_name: str = OFFICIAL_WEIGHT_NAMES[
 def read_official_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """`model.safetensors` or, failing that, `pytorch_model.bin` of a released TiTok folder."""
     directory = Path(directory)
-    safetensors_path, bin_path = (directory / name for name in OFFICIAL_WEIGHT_NAMES)
-    if safetensors_path.is_file():
-        return load_file(str(safetensors_path))
-    if bin_path.is_file():
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
+    for name in OFFICIAL_WEIGHT_NAMES:
+        if (directory / name).is_file():
+            # The released files hold the state dict bare.
+            return read_state_file(directory / name, wrappers=(), what="TiTok state dict")
     raise FileNotFoundError(f"{directory} holds an official TiTok config.json but no weights "
                             f"({' or '.join(OFFICIAL_WEIGHT_NAMES)})")
 
@@ -273,3 +276,19 @@ def save_official(tokenizer: TiTok, directory: str | os.PathLike) -> Path:
     save_file(state, str(directory / OFFICIAL_WEIGHT_NAMES[0]), metadata={"format": "pt"})
     return directory
 
+
+def is_official_titok_folder(directory: str | os.PathLike) -> bool:
+    """True for a folder whose config.json is the official nested TiTok config."""
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        return False
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(config, Mapping) and is_official_titok_config(config)
+
+
+OFFICIAL_FORMAT = register_official_format(OfficialFormat(
+    name="titok", recognise=is_official_titok_folder, load=load_official, save=save_official,
+))

@@ -33,7 +33,8 @@ from tokenizers_vis.nn.quantizers import MultiScaleResidualQuantizer, SharedMapp
 from tokenizers_vis.nn.transformer import PatchEmbed, Transformer, embedding_parameter, interpolate_position_table
 from tokenizers_vis.nn.vision_towers import build_vision_tower
 
-TRAINABLE = ("all", "pixel_decoder")
+# What `trainable` may name: every part, or (stage 2) only the pixel decoder.
+TRAINABLE = {"all": None, "pixel_decoder": ("post_quant_conv", "decoder")}
 
 
 def _task_layer(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -134,7 +135,7 @@ class TokenFlow(Tokenizer):
     ):
         super().__init__()
         if trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+            raise ValueError(f"trainable must be one of {tuple(TRAINABLE)}, got {trainable!r}")
         spec = dict(semantic_encoder or {"kind": "openai_clip", "pretrained": "ViT-B-16/openai"})
         self.semantic_encoder_spec = spec
         self.teacher_spec = dict(teacher or spec)
@@ -171,10 +172,7 @@ class TokenFlow(Tokenizer):
         self.semantic_decoder = SemanticDecoder(semantic_code_dim, semantic_decoder_width, semantic_decoder_depth,
                                                 semantic_decoder_heads, semantic_decoder_grid or self.grid)
         self.decode_task_layer = _task_layer(semantic_decoder_width, semantic_decoder_width, semantic_out_dim)
-        if trainable == "pixel_decoder":
-            for name, module in self.named_children():
-                if name not in ("post_quant_conv", "decoder"):
-                    module.requires_grad_(False)
+        self.freeze_parts(trainable=TRAINABLE[trainable])
 
     @property
     def scales(self) -> list[int]:
@@ -189,15 +187,6 @@ class TokenFlow(Tokenizer):
         """(scale side s, first id position, count s^2) per scale, in the order ids are laid out."""
         starts = [0, *self.quantize.prefix_lengths[:-1]]
         return [(s, start, s * s) for s, start in zip(self.scales, starts)]
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode and self.trainable == "pixel_decoder":
-            # Frozen parts behave as at inference (no scale drop, no codebook statistics).
-            for name, module in self.named_children():
-                if name not in ("post_quant_conv", "decoder"):
-                    module.eval()
-        return self
 
     # -- inputs ----------------------------------------------------------------------------------
     def semantic_input(self, images: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,16 @@ arguments and loads the weights strictly after this mapping (official -> ours):
         post_quant_conv.*, encode_task_layer.*, decode_task_layer.*
 
 `official_state_dict(model)` is the inverse, so our trained models can be written back in the
-official layout. Released files (when online) are named in `RELEASED`.
+official layout. Released files (when online) are named in `RELEASED`. Importing this module
+registers the layout as the official format "tokenflow" (models/official.py), with the released
+files as presets: `load_tokenizer("tokenflow_siglip_32k")` (also `tokenflow_siglip_32k.pt` and
+`ByteFlow-AI/TokenFlow/tokenflow_siglip_32k.pt`) fetches and converts one.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -39,8 +43,10 @@ from typing import Any
 
 import torch
 
+from tokenizers_vis.models.official import OfficialFormat, register_official_format
 from tokenizers_vis.models.tokenflow import TokenFlow
 from tokenizers_vis.nn.vision_towers import official_key_to_ours, ours_key_to_official
+from tokenizers_vis.nn.weights import read_state_file
 
 ARGS_NAME = "official_args.json"
 WEIGHTS_NAME = "model.pt"
@@ -201,16 +207,6 @@ def official_state_dict(model: TokenFlow) -> dict[str, torch.Tensor]:
     return out
 
 
-def _unwrap(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
-    if isinstance(checkpoint, Mapping):
-        for key in ("ema", "model", "state_dict"):
-            if key in checkpoint and isinstance(checkpoint[key], Mapping):
-                return dict(checkpoint[key])
-        if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            return dict(checkpoint)
-    raise ValueError(f"{source} holds no TokenFlow state dict (looked for a bare one and under ema/model/state_dict)")
-
-
 def is_official_tokenflow_folder(directory: str | os.PathLike) -> bool:
     return (Path(directory) / ARGS_NAME).is_file()
 
@@ -228,8 +224,8 @@ def load_official_tokenflow(directory: str | os.PathLike, weights: str | None = 
         path = directory / candidates[0]
     # Official checkpoints may also hold the training `args` (an argparse.Namespace): allow that one
     # class, nothing else, when unpickling.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state = _unwrap(torch.load(path, map_location="cpu", weights_only=True), str(path))
+    state = read_state_file(path, wrappers=("ema", "model", "state_dict"), allowed_classes=[argparse.Namespace],
+                            what="TokenFlow state dict")
     model = TokenFlow(**tokenflow_config(args, overrides))
     try:
         model.load_state_dict(convert_official_state(state), strict=True)
@@ -274,3 +270,21 @@ def released_folder(filename: str, cache_dir: str | os.PathLike) -> Path:
     if not target.exists():
         target.symlink_to(weights)
     return folder
+
+
+def _preset_names() -> dict[str, Any]:
+    """Each released file as `tokenflow_siglip_32k` or `ByteFlow-AI/TokenFlow/tokenflow_siglip_32k`,
+    with or without `.pt`."""
+    presets = {}
+    for filename in RELEASED:
+        resolve = functools.partial(released_folder, filename)  # resolve(cache_dir)
+        for name in (Path(filename).stem, filename):
+            presets[f"{RELEASED_REPO}/{name}"] = resolve
+            presets[name] = resolve
+    return presets
+
+
+OFFICIAL_FORMAT = register_official_format(OfficialFormat(
+    name="tokenflow", recognise=is_official_tokenflow_folder, load=load_official_tokenflow,
+    save=save_official_tokenflow, presets=_preset_names(),
+))

@@ -7,8 +7,9 @@ and `pixel_quantize`. Pixels are [0, 1] in and out, as that model works (no [-1,
 
 Teachers are read by `load_vqgan`: one of our checkpoints, folders or Hub ids (`load_tokenizer`),
 or a state-dict file in the official MaskGIT-VQGAN layout (the `maskgit-vqgan-imagenet-f16-256.bin`
-that TiTok's training uses). That layout names every weight as this module does, so the key
-mapping is the identity:
+that TiTok's training uses), registered as the official format "maskgit_vqgan" (models/official.py),
+so `load_tokenizer` reads such a file too. That layout names every weight as this module does, so
+the key mapping is the identity:
 
     official / ours                                   what
     encoder.conv_in.weight                            bias-free 3x3 conv from RGB
@@ -31,11 +32,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tokenizers_vis.models.base import Encoded, ModelOutput, Tokenizer, register_tokenizer
+from tokenizers_vis.models.loading import load_tokenizer
+from tokenizers_vis.models.official import OfficialFormat, find_official_format, register_official_format
 from tokenizers_vis.nn.cnn import ConvDecoder, ConvEncoder
 from tokenizers_vis.nn.quantizers import VectorQuantizer
+from tokenizers_vis.nn.weights import read_state_file
 
 # The resolution the official MaskGIT-VQGAN was trained at; its state dict does not record it.
 MASKGIT_IMAGE_SIZE = 256
@@ -194,30 +198,40 @@ def save_maskgit_vqgan(vqgan: VQGAN, path: str | os.PathLike) -> Path:
     return path
 
 
-def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A plain state dict from a .safetensors file or a torch file (loaded without unpickling code)."""
+# The suffixes of a single state-dict file; Lightning checkpoints (.ckpt) are ours, not this layout.
+MASKGIT_FILE_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
+
+
+def is_maskgit_vqgan_file(path: str | os.PathLike) -> bool:
+    """True for a single state-dict file: the official MaskGIT-VQGAN ships as one (a folder never is).
+    Only the suffix is checked; `load_maskgit_vqgan` says clearly when the content is not that layout."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    return dict(state)
+    return path.is_file() and path.suffix in MASKGIT_FILE_SUFFIXES
+
+
+def load_maskgit_vqgan(path: str | os.PathLike, image_size: int = MASKGIT_IMAGE_SIZE) -> VQGAN:
+    """Our VQGAN, in eval mode, from an official MaskGIT-VQGAN state-dict file (bare or under
+    `state_dict` / `model`)."""
+    return vqgan_from_maskgit_state(read_state_file(path, what="MaskGIT-VQGAN state dict"), image_size)
+
+
+MASKGIT_FORMAT = register_official_format(OfficialFormat(
+    name="maskgit_vqgan", recognise=is_maskgit_vqgan_file, load=load_maskgit_vqgan, save=save_maskgit_vqgan,
+))
 
 
 def load_vqgan(source: str | os.PathLike, image_size: int | None = None) -> VQGAN:
     """A VQGAN in eval mode from any of the places a teacher may come from.
 
-    source: a file in the official MaskGIT-VQGAN layout (any file that is not a `.ckpt`), or one of
-        our `.ckpt` checkpoints (EMA weights), saved folders or Hub ids (see `hub.load_tokenizer`).
+    source: a file in the official MaskGIT-VQGAN layout (`MASKGIT_FILE_SUFFIXES`), or one of
+        our `.ckpt` checkpoints (EMA weights), saved folders or Hub ids (see `models.loading.load_tokenizer`).
     image_size: for official files, the image size to accept (default 256, the official one); our
         formats record theirs, and a different value here is an error.
     """
-    from tokenizers_vis.hub import load_tokenizer  # hub imports the model registry
-
     path = Path(source)
-    if path.is_file() and path.suffix != ".ckpt":
-        return vqgan_from_maskgit_state(read_state_file(path), image_size or MASKGIT_IMAGE_SIZE)
+    if path.exists() and find_official_format(path) is MASKGIT_FORMAT:
+        # The official state dict does not record the image size: it is an option of the converter.
+        return MASKGIT_FORMAT.load(path, image_size=image_size or MASKGIT_IMAGE_SIZE)
     tokenizer = load_tokenizer(source)
     if not isinstance(tokenizer, VQGAN):
         raise ValueError(f"{source} holds a {tokenizer.model_type!r} tokenizer, not a VQGAN")

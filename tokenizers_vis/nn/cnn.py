@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers_vis.nn.attention import attend
+
 
 class ResBlock(nn.Module):
     """h = conv2(silu(norm2(conv1(silu(norm1(x)))))), plus a residual.
@@ -193,7 +195,7 @@ class AttnBlock(nn.Module):
         x_norm = self.norm(x)
         # (B, 1, h*w, C): a single head; SDPA's default scale is C^-0.5, as in the official block.
         q, k, v = (proj(x_norm).reshape(b, 1, c, h * w).transpose(-1, -2) for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attend(q, k, v)
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
 

@@ -3,6 +3,10 @@ with classifier-free guidance (plain or adaptive projected guidance).
 
 Convention (FlexTok, SD3): t = 0 is data and t = 1 is noise, x_t = t * eps + (1 - t) * x0, and the
 model predicts the velocity v = eps - x0, so sampling integrates from t = 1 down to t = 0.
+
+The latent-diffusion decoder interface built on these parts (`DiffusionDecoder`, `ConditionAdapter`,
+`RectifiedFlowEuler`, `build_scheduler`, ...) is `tokenizers_vis.nn.diffusion_decoder`; it imports this
+module, so this one cannot re-export it (the layer test forbids import circles).
 """
 
 from __future__ import annotations
@@ -99,14 +103,34 @@ def euler_sample(
     if guided and uncond_velocity is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs an unconditional velocity")
     projector = AdaptiveProjectedGuidance() if apg else None
-    x = noise
+
+    def guided_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = velocity(x, t)
+        return combine_guidance(v, uncond_velocity(x, t), guidance_scale, projector) if guided else v
+
+    return euler_integrate(guided_velocity, noise, steps)
+
+
+def euler_integrate(velocity: VelocityFn, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The Euler loop of `euler_sample` without guidance and without disabling gradients."""
     times = euler_timesteps(steps)
     for i, t_now in enumerate(times):
         t_next = times[i + 1] if i + 1 < steps else 0.0
         t = torch.full((x.shape[0],), t_now, device=x.device, dtype=x.dtype)
-        v = velocity(x, t)
-        if guided:
-            v_uncond = uncond_velocity(x, t)
-            v = projector(v, v_uncond, guidance_scale) if projector else v_uncond + guidance_scale * (v - v_uncond)
-        x = x - (t_now - t_next) * v
+        x = x - (t_now - t_next) * velocity(x, t)
     return x
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al., 2024): the guided output scaled to the conditional output's std
+    (torch's unbiased std over the non-batch dims), mixed with the unscaled one by `rescale`."""
+    dims = tuple(range(1, cond.dim()))
+    scaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * scaled + (1 - rescale) * guided
+
+
+def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float,
+                     projector: AdaptiveProjectedGuidance | None = None, rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance: u + s (c - u), or APG with a `projector`; then guidance rescale if > 0."""
+    guided = projector(cond, uncond, scale) if projector is not None else uncond + scale * (cond - uncond)
+    return rescale_guidance(guided, cond, rescale) if rescale > 0 else guided

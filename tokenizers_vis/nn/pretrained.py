@@ -15,16 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-
-class MissingPretrainedError(OSError):
-    """A pretrained network named in the config could not be loaded (offline, wrong path)."""
+from tokenizers_vis.nn.weights import MissingWeightsError
 
 
 def _from_pretrained(cls, source: str, key: str, **kwargs):
     try:
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise MissingPretrainedError(
+        raise MissingWeightsError(
             f"could not load {key}={source!r} ({err}). Set {key} to a local folder holding the weights "
             f"(download it where there is network, e.g. `hf download {source} --local-dir DIR`), or to null "
             f"to build the network from its config with random weights."
@@ -50,7 +48,7 @@ def load_timm_model(name: str, pretrained: str | None, options: Mapping[str, Any
     """A timm model with pretrained weights from a local file or folder, a Hub id, or (pretrained None)
     timm's own pretrained tag of `name` (a download, or the local Hub cache offline).
 
-    Any failure becomes a `MissingPretrainedError` naming the config `key` and how to provide the
+    Any failure becomes a `MissingWeightsError` naming the config `key` and how to provide the
     weights; `alternative` is the other way out offered.
     """
     import timm
@@ -64,20 +62,22 @@ def load_timm_model(name: str, pretrained: str | None, options: Mapping[str, Any
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)}, **options)
         return timm.create_model(f"hf-hub:{pretrained}", pretrained=True, **options)
     except Exception as err:
-        raise MissingPretrainedError(
+        raise MissingWeightsError(
             f"could not load {name!r} ({key}={pretrained or name!r}): {err}. Set {key} to a local weights file or "
             f"folder (download it where there is network), or {alternative}."
         ) from err
 
 
 class FrozenModule(nn.Module):
-    """A network that never trains: no gradients, and always in eval mode."""
+    """A network that never trains: no gradients, and always in eval mode (no dropout, fixed
+    statistics). Subclasses call `_freeze()` once their parts are built."""
 
     def _freeze(self) -> None:
         self.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True):
+        # The module holding it is put in train mode during fitting; a frozen net must not follow.
         return super().train(False)
 
 
@@ -136,6 +136,7 @@ class FrozenVAE(FrozenModule):
         return self.model.decode(latents / self.scaling_factor).sample
 
 
+# The image statistics torchvision / timm ImageNet backbones are trained with (the one definition).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -1,4 +1,5 @@
-"""Pre-norm transformer blocks, patch embedding and position embeddings shared by every model."""
+"""Transformer blocks (pre- or post-norm, optional cross-attention), patch embedding and position
+embeddings shared by every model."""
 
 from __future__ import annotations
 
@@ -11,13 +12,22 @@ from torch import nn
 from tokenizers_vis.nn.attention import Attention
 
 
+# Pointwise activations of the two-layer MLP by name (SwiGLU is handled apart: it gates).
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact erf form: ViT, CLIP, TiTok, BERT
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "quick_gelu": lambda h: h * torch.sigmoid(1.702 * h),  # OpenAI CLIP
+    "relu": F.relu,
+}
+
+
 class MLP(nn.Module):
-    """Two-layer MLP: GELU (exact erf form, as ViT/CLIP/TiTok) or SwiGLU."""
+    """Two-layer MLP: fc1, activation, fc2. kind: an `ACTIVATIONS` name or "swiglu"."""
 
     def __init__(self, dim: int, hidden_dim: int, kind: str = "gelu", bias: bool = True):
         super().__init__()
-        if kind not in ("gelu", "swiglu"):
-            raise ValueError(f"unknown MLP kind {kind!r}; expected 'gelu' or 'swiglu'")
+        if kind not in (*ACTIVATIONS, "swiglu"):
+            raise ValueError(f"unknown MLP kind {kind!r}; expected 'swiglu' or one of {sorted(ACTIVATIONS)}")
         self.kind = kind
         # SwiGLU packs the gate and the value into one matmul.
         self.fc1 = nn.Linear(dim, hidden_dim * (2 if kind == "swiglu" else 1), bias=bias)
@@ -29,12 +39,12 @@ class MLP(nn.Module):
             value, gate = h.chunk(2, dim=-1)
             h = value * F.silu(gate)
         else:
-            h = F.gelu(h)
+            h = ACTIVATIONS[self.kind](h)
         return self.fc2(h)
 
 
 class TransformerBlock(nn.Module):
-    """x + attn(norm1(x)); x + mlp(norm2(x)).
+    """x + attn(norm1(x)); [x + cross_attn(norm_cross(x), context)]; x + mlp(norm2(x)).
 
     Options beyond the ViT defaults (FlexTok uses all of them):
       mlp_hidden_dim: hidden width of the MLP (default int(dim * mlp_ratio)).
@@ -45,6 +55,22 @@ class TransformerBlock(nn.Module):
         x + gate_msa * attn(norm1(x) * (1 + scale_msa) + shift_msa), likewise for the MLP.
       modulation_groups: number of token groups with their own modulation (FlexTok: patches and
         registers); `forward` gets the group of each token.
+
+    Options for query bottlenecks (Q-Former, Perceiver resampler); the defaults add nothing:
+      norm_position: "pre" (above) or "post", BERT's order: x = norm1(x + attn(x));
+        x = norm_cross(x + cross_attn(x, context)); x = norm2(x + mlp(x)). (BERT: norm_eps 1e-12,
+        mlp_kind "gelu" (exact), bias True.)
+      self_attention: False drops the self-attention sub-layer (`norm1`, `attn`): Perceiver layers,
+        or an MLP-only sub-layer.
+      cross_attention: adds `norm_cross` and `cross_attn`, between self-attention and the MLP; queries
+        from the block's tokens, keys/values from `context` (width `context_dim`, default `dim`),
+        projected as `cross_qkv_layout` ("separate" q/k/v or "q_kv") says.
+      context_norm: a LayerNorm `norm_context` on the context before cross-attention (Perceiver).
+      cross_attn_include_self: keys/values are concat(context, the queries' normed input) (Perceiver).
+      head_dim: per-head width when heads * head_dim differs from dim.
+      norm_bias: bias of the LayerNorms (None: same as `bias`); bias-free linears with biased norms
+        is the Perceiver layout.
+      dropout: dropout on each sub-layer's output; attn_dropout: on the attention probabilities.
     """
 
     # Order of the six modulation chunks; the official FlexTok order, so its weights load as they are.
@@ -64,32 +90,115 @@ class TransformerBlock(nn.Module):
         attn_scale: float | None = None,
         modulation_dim: int | None = None,
         modulation_groups: int = 1,
+        *,
+        norm_position: str = "pre",
+        self_attention: bool = True,
+        cross_attention: bool = False,
+        context_dim: int | None = None,
+        cross_qkv_layout: str = "separate",
+        context_norm: bool = False,
+        cross_attn_include_self: bool = False,
+        head_dim: int | None = None,
+        norm_bias: bool | None = None,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
     ):
         super().__init__()
-        norm_kwargs = {"eps": norm_eps, "bias": bias} if norm_affine else {"eps": norm_eps, "elementwise_affine": False}
-        self.norm1 = nn.LayerNorm(dim, **norm_kwargs)
-        self.attn = Attention(dim, num_heads, qkv_bias=bias, proj_bias=bias, qk_norm=qk_norm, norm_eps=norm_eps,
-                              scale=attn_scale, qk_norm_affine=norm_affine)
+        if norm_position not in ("pre", "post"):
+            raise ValueError(f"unknown norm_position {norm_position!r}; expected 'pre' or 'post'")
+        if modulation_dim and (norm_position == "post" or not self_attention):
+            raise ValueError("adaLN modulation needs a pre-norm block with self-attention")
+        if cross_attn_include_self and (context_dim or dim) != dim:
+            raise ValueError(f"cross_attn_include_self concatenates context and queries: context_dim "
+                             f"{context_dim} must equal dim {dim}")
+        self.dim = dim
+        self.norm_position = norm_position
+        self.dropout = dropout
+        self.cross_attn_include_self = cross_attn_include_self
+        norm_bias = bias if norm_bias is None else norm_bias
+        norm_kwargs = {"eps": norm_eps, "bias": norm_bias} if norm_affine else {"eps": norm_eps,
+                                                                                 "elementwise_affine": False}
+        attn_kwargs = dict(qkv_bias=bias, proj_bias=bias, qk_norm=qk_norm, norm_eps=norm_eps, scale=attn_scale,
+                           qk_norm_affine=norm_affine, head_dim=head_dim, dropout=attn_dropout)
+        if self_attention:
+            self.norm1 = nn.LayerNorm(dim, **norm_kwargs)
+            self.attn = Attention(dim, num_heads, **attn_kwargs)
+        if cross_attention:
+            if context_norm:
+                self.norm_context = nn.LayerNorm(context_dim or dim, **norm_kwargs)
+            self.norm_cross = nn.LayerNorm(dim, **norm_kwargs)
+            self.cross_attn = Attention(dim, num_heads, context_dim=context_dim, qkv_layout=cross_qkv_layout,
+                                        **attn_kwargs)
         self.norm2 = nn.LayerNorm(dim, **norm_kwargs)
         self.mlp = MLP(dim, mlp_hidden_dim or int(dim * mlp_ratio), kind=mlp_kind, bias=bias)
         self.modulation_groups = modulation_groups
         if modulation_dim:
             self.modulation = nn.Linear(modulation_dim, modulation_groups * 6 * dim)
 
+    @property
+    def has_self_attention(self) -> bool:
+        return hasattr(self, "attn")
+
+    @property
+    def has_cross_attention(self) -> bool:
+        return hasattr(self, "cross_attn")
+
+    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:
+        """Pre-norm x + fn(norm(x)) or post-norm norm(x + fn(x))."""
+        post = self.norm_position == "post"
+        h = fn(x if post else norm(x))
+        if self.dropout:
+            h = F.dropout(h, self.dropout, self.training)
+        return norm(x + h) if post else x + h
+
+    def self_attention_step(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._sublayer(x, self.norm1, lambda h: self.attn(h, mask))
+
+    def cross_attention_step(self, x: torch.Tensor, context: torch.Tensor,
+                             context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The cross-attention sub-layer; context_mask: (B, Lk) key-padding mask over the context."""
+        if hasattr(self, "norm_context"):
+            context = self.norm_context(context)
+
+        def cross(h: torch.Tensor) -> torch.Tensor:
+            ctx, ctx_mask = context, context_mask
+            if self.cross_attn_include_self:
+                ctx = torch.cat([context, h], dim=1)
+                if ctx_mask is not None:  # the queries are always visible keys
+                    keep = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+                    keep = keep if ctx_mask.dtype == torch.bool else torch.zeros_like(keep, dtype=ctx_mask.dtype)
+                    ctx_mask = torch.cat([ctx_mask, keep], dim=1)
+            return self.cross_attn(h, context=ctx, key_padding_mask=ctx_mask)
+
+        return self._sublayer(x, self.norm_cross, cross)
+
+    def mlp_step(self, x: torch.Tensor) -> torch.Tensor:
+        return self._sublayer(x, self.norm2, self.mlp)
+
     def modulations(self, cond: torch.Tensor, groups: torch.Tensor | None) -> list[torch.Tensor]:
         """The six (B, N or 1, dim) modulation tensors, in `MODULATION_CHUNKS` order."""
-        b, dim = cond.shape[0], self.norm1.normalized_shape[0]
+        b, dim = cond.shape[0], self.dim
         mod = self.modulation(F.silu(cond)).view(b, self.modulation_groups, 6, dim)
         mod = mod[:, groups] if groups is not None else mod  # (B, N, 6, dim): each token its group's row
         return list(mod.unbind(2))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-                groups: torch.Tensor | None = None) -> torch.Tensor:
+                groups: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """context: (B, Lk, context_dim) for the cross-attention sub-layer (required when the block has
+        one, ignored otherwise, so a stack can pass it to every block); context_mask: (B, Lk) padding."""
+        if self.has_cross_attention and context is None:
+            raise ValueError("this block has a cross-attention sub-layer and needs a context")
         if cond is None:
-            x = x + self.attn(self.norm1(x), mask)
-            return x + self.mlp(self.norm2(x))
+            if self.has_self_attention:
+                x = self.self_attention_step(x, mask)
+            if self.has_cross_attention:
+                x = self.cross_attention_step(x, context, context_mask)
+            return self.mlp_step(x)
         gate_msa, gate_mlp, shift_msa, scale_msa, shift_mlp, scale_mlp = self.modulations(cond, groups)
         x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa, mask)
+        if self.has_cross_attention:  # unmodulated, as in PixArt's cross-attention
+            x = self.cross_attention_step(x, context, context_mask)
         return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
 
 
@@ -102,18 +211,21 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-                groups: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_with_layer(x, mask, cond, groups)[0]
+                groups: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_with_layer(x, mask, cond, groups, context=context, context_mask=context_mask)[0]
 
     def forward_with_layer(self, x: torch.Tensor, mask: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-                           groups: torch.Tensor | None = None, layer: int | None = None):
+                           groups: torch.Tensor | None = None, layer: int | None = None,
+                           context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
         """(output, hidden states after block `layer`, or None): REPA reads an intermediate layer."""
         hidden = None
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, mask, cond, groups, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, cond, groups, context, context_mask,
+                                                      use_reentrant=False)
             else:
-                x = block(x, mask, cond, groups)
+                x = block(x, mask, cond, groups, context, context_mask)
             if i == layer:
                 hidden = x
         return x, hidden

@@ -11,7 +11,7 @@ tokens), with images in TokenFlow's internal range [-1, 1]:
 
 Weights: `pretrained` null builds the tower from `config` with random weights (tests, and towers
 whose weights arrive with a tokenizer's state dict); otherwise a local file / folder or a named
-pretrained model. A missing weight raises `MissingPretrainedError` naming the config key.
+pretrained model. A missing weight raises `MissingWeightsError` naming the config key.
 
 State-dict names: each tower holds its network as `self.model`, so our names are the official
 TokenFlow `encoder_vqkd.*` names (tower-relative) with `model.` in front; see `official_key_to_ours`.
@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenizers_vis.nn.pretrained import MissingPretrainedError, _from_pretrained, load_timm_model, weights_file
+from tokenizers_vis.nn.pretrained import _from_pretrained, load_timm_model, weights_file
 from tokenizers_vis.nn.transformer import interpolate_position_table
+from tokenizers_vis.nn.weights import MissingWeightsError, read_state_file
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "SIGLIP_MEAN", "SIGLIP_STD", "VisionTower", "ClipVisionTower", "SiglipVisionTower",
@@ -84,20 +85,13 @@ def _channel_constant(values: tuple[float, ...], dtype: torch.dtype, device: tor
         return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    # Lazy: models/ imports this module, and the reader lives with the VQGAN loader.
-    from tokenizers_vis.models.vqgan import read_state_file
-
-    return read_state_file(path)
-
-
 def _read_bare_state(path: Path, config_key: str, what: str) -> dict[str, torch.Tensor]:
     """A state-dict file as the bare network's names (official, tower-relative): files saved from one
     of our towers (`model.*`) or with transformers 4.x SigLIP names (`vision_model.*`) work too."""
     try:
-        state = _read_state(weights_file(path))
+        state = read_state_file(weights_file(path))
     except (OSError, ValueError, RuntimeError) as err:
-        raise MissingPretrainedError(
+        raise MissingWeightsError(
             f"could not read {config_key}={str(path)!r} ({err}). Point {config_key} at a state-dict file "
             f"(.safetensors or torch) of {what}, or at a folder holding model.safetensors."
         ) from err
@@ -177,7 +171,7 @@ class ClipVisionTower(VisionTower):
     def _from_file(self, path: Path, config: Mapping[str, Any]) -> nn.Module:
         state = _read_bare_state(path, self.config_key, "an OpenAI-layout CLIP vision tower")
         if "conv1.weight" not in state or "positional_embedding" not in state:
-            raise MissingPretrainedError(f"{self.config_key}={str(path)!r} is not a CLIP vision tower state dict "
+            raise MissingWeightsError(f"{self.config_key}={str(path)!r} is not a CLIP vision tower state dict "
                                          f"(no conv1.weight / positional_embedding; keys: {sorted(state)[:5]}...)")
         width, _, patch, _ = state["conv1.weight"].shape
         grid = math.isqrt(state["positional_embedding"].shape[0] - 1)
@@ -203,7 +197,7 @@ class ClipVisionTower(VisionTower):
             tag = maybe_tag
         name = name.replace("/", "-")  # the OpenAI spelling "ViT-B/16"
         if name not in open_clip.list_models():
-            raise MissingPretrainedError(
+            raise MissingWeightsError(
                 f"{self.config_key}={pretrained!r} is neither a local file or folder nor an open_clip model name. "
                 f"Set it to a state-dict file of the CLIP vision tower, or to an open_clip name such as "
                 f"'ViT-B-16/openai' (downloaded where there is network; offline it must be in the Hub cache).")
@@ -212,7 +206,7 @@ class ClipVisionTower(VisionTower):
             quick_gelu = bool((open_clip.get_pretrained_cfg(name, tag) or {}).get("quick_gelu", False))
             clip = open_clip.create_model(name, pretrained=tag, force_quick_gelu=quick_gelu, cache_dir=cache_dir)
         except Exception as err:
-            raise MissingPretrainedError(
+            raise MissingWeightsError(
                 f"could not load {self.config_key}={pretrained!r} (open_clip {name!r}, tag {tag!r}: {err}). "
                 f"Download it where there is network (open_clip.create_model({name!r}, pretrained={tag!r}) fills "
                 f"the Hub cache), or set {self.config_key} to a local state-dict file of the vision tower."

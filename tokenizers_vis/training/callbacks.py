@@ -8,14 +8,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
-
-def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-    """One image: originals in the top row, reconstructions below, both clamped to [0, 1]."""
-    n = originals.shape[0]
-    rows = torch.cat([originals.clamp(0, 1), reconstructions.clamp(0, 1)], dim=0)
-    return make_grid(rows.float().cpu(), nrow=n, padding=2, pad_value=1.0)
+from tokenizers_vis.models.base import batch_pixels
+from tokenizers_vis.metrics.grids import reconstruction_grid
 
 
 class ReconstructionLogger(L.Callback):
@@ -39,8 +35,8 @@ class ReconstructionLogger(L.Callback):
                 return None
             batches, count = [], 0
             for batch in loader:
-                batches.append(batch["image"])
-                count += batch["image"].shape[0]
+                batches.append(batch_pixels(batch))
+                count += batches[-1].shape[0]
                 if count >= self.num_images:
                     break
             if not batches:
@@ -93,7 +89,7 @@ class Throughput(L.Callback):
             self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self._images += batch["image"].shape[0]
+        self._images += batch_pixels(batch).shape[0]
         self._steps += 1
         if self._steps < self.window:
             return

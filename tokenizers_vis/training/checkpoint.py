@@ -8,13 +8,11 @@
   intervals, on SIGTERM / SIGUSR1 (cluster preemption: save, then stop with `Preempted`), and
   after too many non-finite losses (the last good weights, before the error propagates).
 - `find_resume_checkpoint`: what `ckpt_path=last` resumes from.
-- `rng_state` / `set_rng_state`: the random generators a training step draws from.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import signal
 import threading
 import zipfile
@@ -23,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -86,23 +83,6 @@ def find_resume_checkpoint(directory: str | Path) -> Path | None:
             return path
         rank_zero_warn(f"{path} is not a complete checkpoint; skipping it")
     return None
-
-
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """The states of the generators training draws from: torch (CPU, and `device` if CUDA),
-    numpy and Python."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class Preempted(Exception):

@@ -22,9 +22,15 @@ Each step's logs are written to the loggers inside the step, and loggers are flu
 checkpoint, so a checkpoint is never ahead of the logs; a resumed run first drops the rows an
 interrupted run wrote after its checkpoint (`resume_at_step` of `ResumableCSVLogger`).
 
-Frozen parts (a pretrained VAE) and buffers are the same in the EMA copy as in the trained one;
-checkpoints hold them once, under `tokenizer.*`, and list them in `ema_shared`
-(`tokenizers_vis.hub.EMA_SHARED_KEY`); loading copies them back into `ema.*`.
+The objective is a `losses.base.Objective`: the module calls its hooks (`initial_weights`,
+`prepare`, `forward(tokenizer, batch, step)`, `discriminator_active`, `discriminator_loss`,
+`unsaved_prefixes`) and probes nothing else. It receives the whole batch (images or video, and
+text when present).
+
+EMA holds the trainable parameters only: the EMA copy shares the frozen parameters (a pretrained
+VAE, a frozen UNet) and the buffers with the trained tokenizer, so a frozen part of N parameters
+costs no extra memory. Checkpoints hold those once, under `tokenizer.*`, and list them in
+`ema_shared` (`models.loading.EMA_SHARED_KEY`); loading copies them back into `ema.*`.
 """
 
 from __future__ import annotations
@@ -38,12 +44,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from tokenizers_vis.hub import EMA_PREFIX, EMA_SHARED_KEY, RAW_PREFIX
-from tokenizers_vis.models.base import Tokenizer
-from tokenizers_vis.training.checkpoint import rng_state, set_rng_state
+from tokenizers_vis.losses.base import Objective
+from tokenizers_vis.models.base import Tokenizer, batch_pixels
+from tokenizers_vis.models.loading import EMA_PREFIX, EMA_SHARED_KEY, RAW_PREFIX
+from tokenizers_vis.training.rng import rng_state, set_rng_state
 from tokenizers_vis.training.optim import decay_groups, lr_multiplier
 
-FROZEN_PREFIX = "objective.frozen."  # pretrained perceptual networks: rebuilt from config, never saved
 SCHEDULE_KEYS = ("name", "warmup_steps", "total_steps", "min_lr_ratio")
 
 
@@ -51,22 +57,31 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def load_initial_weights(tokenizer: Tokenizer, source: str | None = None, objective: nn.Module | None = None,
+def ema_copy(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` to hold EMA weights, in eval mode without gradients. Its trainable
+    parameters are its own; frozen parameters and buffers are the SAME tensors as the tokenizer's
+    (EMA would keep them equal anyway), so a frozen multi-billion-parameter part is held once."""
+    shared = {id(t): t for t in tokenizer.parameters() if not t.requires_grad}
+    shared.update({id(t): t for t in tokenizer.buffers()})
+    return copy.deepcopy(tokenizer, memo=shared).requires_grad_(False).eval()
+
+
+def load_initial_weights(tokenizer: Tokenizer, source: str | None = None, objective: Objective | None = None,
                          exclude: Sequence[str] | str | None = None) -> None:
     """Set the weights training starts from (before the EMA copy is taken).
 
-    First the part the objective supplies, if it has `initial_weights(tokenizer)` (TiTok's
-    proxy-code stage: the teacher's decoder and codebook as the pixel decoder); then `source`
+    First the part the objective supplies with `initial_weights(tokenizer)` (TiTok's proxy-code
+    stage: the teacher's decoder and codebook as the pixel decoder); then `source`
     (`model.init_from`: a .ckpt of ours -> its EMA weights, a saved folder or a Hub id), loaded
     strictly except for the parameter-name prefixes in `exclude` (`model.init_from_exclude`),
     which keep their fresh init on both sides, so they may differ in architecture (TokenFlow's
     stage 2 into the larger "enhanced" pixel decoder: exclude `decoder.`).
     """
-    from tokenizers_vis.hub import load_tokenizer
+    from tokenizers_vis.models.loading import load_tokenizer
 
-    supplied = getattr(objective, "initial_weights", None)
-    if supplied is not None:
-        unexpected = tokenizer.load_state_dict(supplied(tokenizer), strict=False).unexpected_keys
+    supplied = objective.initial_weights(tokenizer) if objective is not None else {}
+    if supplied:
+        unexpected = tokenizer.load_state_dict(supplied, strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"{type(objective).__name__}.initial_weights gave keys this model lacks: {unexpected[:8]}")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude or ())
@@ -94,17 +109,18 @@ class TokenizerModule(L.LightningModule):
     """Train a `Tokenizer` with an objective.
 
     tokenizer: the model (instantiated by Hydra from `model.tokenizer`).
-    objective: `objective(tokenizer, images, step) -> (loss, logs, output)`; may own a
-        `discriminator` with `discriminator_active(step)` and `discriminator_loss(...)`.
+    objective: a `losses.base.Objective`: `objective(tokenizer, batch, step) -> (loss, logs, output)`,
+        its `discriminator` (or None) with `discriminator_active(step)` and `discriminator_loss(...)`.
     optimizer / disc_optimizer: partial optimizers (`_partial_: true`), called with param groups.
     schedule: {name: cosine|constant, warmup_steps, total_steps (null: trainer.max_steps), min_lr_ratio}.
-    ema_decay: decay of the EMA weights used for validation, sampling and export (null: no EMA).
+    ema_decay: decay of the EMA weights used for validation, sampling and export (null: no EMA);
+        EMA covers the trainable parameters (frozen ones are shared, see `ema_copy`).
     max_nonfinite_steps: consecutive non-finite losses tolerated before stopping. A non-finite
         step is skipped (no optimizer or EMA update, buffers as before it) and counted; the
         stop raises `NonFiniteLossError` and the checkpoint callback saves `last.ckpt` first.
     init_from: start from these tokenizer weights (a .ckpt of ours -> its EMA weights, a saved
         folder, or a Hub id), e.g. stage 2 from a stage-1 run. Loaded strictly. Unlike
-        `ckpt_path` (resume), optimizer state and step counter start fresh. An objective with
+        `ckpt_path` (resume), optimizer state and step counter start fresh. The objective's
         `initial_weights(tokenizer)` supplies part of the weights first (see `load_initial_weights`).
     init_from_exclude: parameter-name prefixes init_from leaves at their fresh init (parts whose
         architecture changes between stages).
@@ -113,7 +129,7 @@ class TokenizerModule(L.LightningModule):
     def __init__(
         self,
         tokenizer: Tokenizer,
-        objective: nn.Module,
+        objective: Objective,
         optimizer: Callable[..., torch.optim.Optimizer],
         disc_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         schedule: dict[str, Any] | None = None,
@@ -130,14 +146,15 @@ class TokenizerModule(L.LightningModule):
     ):
         super().__init__()
         self.automatic_optimization = False
+        if not isinstance(objective, Objective):
+            raise TypeError(f"model.objective must be a tokenizers_vis.losses.base.Objective, got "
+                            f"{type(objective).__name__}")
         self.save_hyperparameters(ignore=["tokenizer", "objective"], logger=False)
         load_initial_weights(tokenizer, init_from, objective, init_from_exclude)
         self.tokenizer = tokenizer
         self.objective = objective
-        prepare = getattr(objective, "prepare", None)
-        if prepare is not None:  # parts the objective derives from the model (TokenFlow's frozen teacher)
-            prepare(tokenizer)
-        self.ema = copy.deepcopy(tokenizer).requires_grad_(False).eval() if ema_decay else None
+        objective.prepare(tokenizer)  # parts the objective derives from the model (TokenFlow's frozen teacher)
+        self.ema = ema_copy(tokenizer) if ema_decay else None
         unknown = sorted(set(schedule or {}) - set(SCHEDULE_KEYS))
         if unknown:
             raise ValueError(f"model.schedule has unknown key(s) {unknown}; expected some of {list(SCHEDULE_KEYS)}")
@@ -168,7 +185,7 @@ class TokenizerModule(L.LightningModule):
         tokenizer_groups = decay_groups(self.tokenizer.named_parameters(), weight_decay,
                                         self.tokenizer.no_weight_decay_names())
         optimizers = [self.hparams.optimizer(tokenizer_groups)]
-        discriminator = getattr(self.objective, "discriminator", None)
+        discriminator = self.objective.discriminator
         if discriminator is not None:
             if self.hparams.disc_optimizer is None:
                 raise ValueError("the objective has a discriminator but model.disc_optimizer is null")
@@ -200,7 +217,7 @@ class TokenizerModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         if self._rng_state is not None:
             set_rng_state(self._rng_state, self.device)
-        images = batch["image"]
+        images = batch_pixels(batch)
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         opt_g, opt_d = optimizers[0], (optimizers[1] if len(optimizers) > 1 else None)
@@ -211,7 +228,7 @@ class TokenizerModule(L.LightningModule):
         buffers = self._step_buffers()
         saved_buffers = [b.clone() for b in buffers]
 
-        loss, logs, output = self.objective(self.tokenizer, images, step)
+        loss, logs, output = self.objective(self.tokenizer, batch, step)
         train_disc = opt_d is not None and self.objective.discriminator_active(step)
         if train_disc:
             d_loss, d_logs = self.objective.discriminator_loss(images, output.reconstruction.detach(), step)
@@ -264,9 +281,13 @@ class TokenizerModule(L.LightningModule):
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         return bool(finite > 0)
 
+    def _unsaved_prefixes(self) -> tuple[str, ...]:
+        """Module state-dict prefixes of the objective's frozen nets (rebuilt from config, never saved)."""
+        return tuple("objective." + prefix for prefix in self.objective.unsaved_prefixes())
+
     def _step_buffers(self) -> list[torch.Tensor]:
         return [b for name, b in self.named_buffers()
-                if name.startswith(("tokenizer.", "objective.")) and not name.startswith(FROZEN_PREFIX)]
+                if name.startswith(("tokenizer.", "objective.")) and not name.startswith(self._unsaved_prefixes())]
 
     def _skip_nonfinite_step(self, optimizers) -> None:
         for opt in optimizers:
@@ -303,11 +324,13 @@ class TokenizerModule(L.LightningModule):
             return
         # Warm-up of the decay so short runs are not dominated by the random initial weights.
         decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
-        ema_params = list(self.ema.parameters())
-        params = [p.detach() for p in self.tokenizer.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        pairs = [(e, p.detach()) for e, p in zip(self.ema.parameters(), self.tokenizer.parameters()) if e is not p]
+        if pairs:
+            ema_params, params = map(list, zip(*pairs))
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         for ema_buffer, buffer in zip(self.ema.buffers(), self.tokenizer.buffers()):
-            ema_buffer.copy_(buffer)
+            if ema_buffer is not buffer:  # shared unless a device move gave the copy its own
+                ema_buffer.copy_(buffer)
 
     @property
     def eval_tokenizer(self) -> Tokenizer:
@@ -347,7 +370,7 @@ class TokenizerModule(L.LightningModule):
         self._val_metrics = ReconstructionMetrics(codebook_size=self.eval_tokenizer.codebook_size, **options)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        images = batch["image"]
+        images = batch_pixels(batch)
         tokenizer = self.eval_tokenizer
         encoded = tokenizer.encode(images)
         reconstruction = tokenizer.decode(encoded).float().clamp(0, 1)
@@ -363,7 +386,7 @@ class TokenizerModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokenizer_config"] = self.tokenizer.config
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIX)]:
+        for key in [k for k in state if k.startswith(self._unsaved_prefixes())]:
             del state[key]
         checkpoint[EMA_SHARED_KEY] = self._drop_shared_ema(state)
         # Every row logged so far reaches the disk before the checkpoint does.
@@ -405,7 +428,7 @@ class TokenizerModule(L.LightningModule):
         # the (strict) load sees every key.
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
-            if key.startswith(FROZEN_PREFIX):
+            if key.startswith(self._unsaved_prefixes()):
                 state[key] = value
         for name in checkpoint.get(EMA_SHARED_KEY, ()):
             state[EMA_PREFIX + name] = state[RAW_PREFIX + name]
