@@ -18,6 +18,7 @@ import torch
 from helpers import REPO_ROOT
 
 from tokenizers_vis.losses import ReconstructionObjective
+from tokenizers_vis.models.base import batch_pixels
 
 N = 4
 OVERRIDES = [
@@ -35,7 +36,8 @@ class NoisyObjective(ReconstructionObjective):
     strongly (TiTok itself hardly does this early on), so a resume must restore it exactly.
     The subprocesses import it from this file (tests/training is on their PYTHONPATH)."""
 
-    def forward(self, model, images, step):
+    def forward(self, model, batch, step):
+        images = batch_pixels(batch)
         return super().forward(model, images + 0.1 * torch.randn_like(images), step)
 
 
