@@ -31,10 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 
@@ -73,7 +75,8 @@ GPU_SWEEP: list[tuple[str, list[str]]] = [
 COLUMNS = [
     ("label", "model"), ("resolution", "res"), ("tokens", "tokens"), ("batch", "batch"), ("steps", "steps"),
     ("precision", "precision"), ("compile", "compile"), ("gan", "GAN"), ("params_m", "params M"),
-    ("images_per_sec", "img/s"), ("step_ms", "step ms"), ("tokenizer_gflop_per_image", "tok GFLOP/img"),
+    ("images_per_sec", "img/s"), ("step_ms", "step ms"), ("graph_breaks", "graph breaks"),
+    ("host_syncs_per_step", "syncs/step"), ("tokenizer_gflop_per_image", "tok GFLOP/img"),
     ("gflop_per_image", "GFLOP/img"),
     ("achieved_gflops", "GFLOP/s"), ("peak_mem_mb", "peak MB"), ("delta_mem_mb", "+MB"),
     ("loop_overhead_pct", "loop %"),
@@ -101,9 +104,10 @@ def step_timer_class():
         With `profile` the measured steps run under `torch.profiler` (which slows them).
         """
 
-        def __init__(self, warmup: int, device: torch.device, profile: bool = False):
+        def __init__(self, warmup: int, device: torch.device, profile: bool = False, steps: int | None = None):
             super().__init__()
             self.warmup = warmup
+            self.last = warmup + steps if steps is not None else None  # steps after it are not timed
             self.device = device
             self.seen = 0
             self.step_seconds: list[float] = []
@@ -118,7 +122,7 @@ def step_timer_class():
                 self.profiler = torch.profiler.profile(activities=activities, record_shapes=False)
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-            if self.seen < self.warmup:
+            if self.seen < self.warmup or (self.last is not None and self.seen >= self.last):
                 return
             objective = module.objective
             self.gan_steps += bool(objective.discriminator is not None
@@ -132,7 +136,7 @@ def step_timer_class():
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             self.seen += 1
-            if self.seen <= self.warmup:
+            if self.seen <= self.warmup or (self.last is not None and self.seen > self.last):
                 return
             common.synchronize(self.device)
             self.last_end = time.perf_counter()
@@ -143,6 +147,148 @@ def step_timer_class():
                 self.profiler.__exit__(None, None, None)
 
     return StepTimer
+
+
+# Ops that read a device value back to the host on a GPU: scalar reads (item, bool, int, float), and
+# ops whose output size depends on the data (boolean-mask indexing, nonzero, bincount, unique).
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "bincount", "_unique", "_unique2",
+                      "unique_dim", "unique_consecutive", "masked_scatter"})
+
+
+def _is_sync(func, args, kwargs) -> bool:
+    name = func.overloadpacket.__name__
+    if name in SYNC_OPS:
+        return True
+    if name == "repeat_interleave":  # with a tensor of repeats and no output_size
+        return isinstance(args[0], torch.Tensor) and kwargs.get("output_size") is None and \
+            (len(args) < 2 or isinstance(args[1], torch.Tensor))
+    if name in ("index", "index_put", "index_put_"):  # boolean-mask indices
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+    return False
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops that would read back from a GPU, with the innermost repository frame of each."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: dict[str, int] = {}
+        self.paused = 0
+
+    def record(self) -> None:
+        import traceback
+
+        frames = [f for f in traceback.extract_stack()[:-2]
+                  if "/tokenizers_vis/" in f.filename or "/lightning/" in f.filename]
+        site = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+        self.sites[site] = self.sites.get(site, 0) + 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.paused and _is_sync(func, args, kwargs):
+            self.record()
+        return func(*args, **kwargs)
+
+
+def _host_step_counts(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer keeps its step counts in host tensors (not fused, not capturable)."""
+    return not (optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
+
+
+@contextlib.contextmanager
+def counting_host_syncs():
+    """Count, in the enclosed code, the ops that read a value back from a GPU (`SYNC_OPS`, boolean-mask
+    indexing, `Tensor.tolist`); yields the `HostSyncs` mode whose `sites` hold the counts. Not counted: the
+    step of an optimizer that keeps its step counts on the host (its `.item()`s read no device memory)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    mode = HostSyncs()
+    original = torch.Tensor.tolist
+
+    def tolist(tensor):
+        if not mode.paused:
+            mode.record()
+        return original(tensor)
+
+    def pause(optimizer, args, kwargs):
+        mode.paused += _host_step_counts(optimizer)
+
+    def resume(optimizer, args, kwargs):
+        mode.paused -= _host_step_counts(optimizer)
+
+    hooks = [register_optimizer_step_pre_hook(pause), register_optimizer_step_post_hook(resume)]
+    torch.Tensor.tolist = tolist
+    try:
+        with mode:
+            yield mode
+    finally:
+        torch.Tensor.tolist = original
+        for hook in hooks:
+            hook.remove()
+
+
+def sync_counter_class():
+    import lightning as L
+
+    class SyncCounter(L.Callback):
+        """Counts host syncs in `count` steps after the first `skip` (each one's whole Lightning step:
+        training_step and the loop around it). On a GPU: `torch.cuda.set_sync_debug_mode`, whose warnings
+        are counted. On a CPU nothing synchronizes, so the ops that would are counted (`SYNC_OPS`,
+        `Tensor.tolist`). Not counted: a non-fused optimizer's own step, whose step counts are host
+        tensors on a GPU as well (its `.item()`s read no device memory)."""
+
+        def __init__(self, skip: int, count: int, device: torch.device):
+            super().__init__()
+            self.skip, self.count, self.device = skip, count, device
+            self.seen = 0
+            self.sites: dict[str, int] = {}
+            self.steps_counted = 0
+            self._active = None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if not self.skip <= self.seen < self.skip + self.count:
+                return
+            if self.device.type == "cuda":
+                self._warnings = warnings.catch_warnings(record=True)
+                self._records = self._warnings.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                self._active = "cuda"
+            else:
+                self._counting = counting_host_syncs()
+                self._mode = self._counting.__enter__()
+                self._active = "cpu"
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.seen += 1
+            if self._active is None:
+                return
+            if self._active == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+                self._warnings.__exit__(None, None, None)
+                for record in self._records:
+                    if "synchroniz" in str(record.message):
+                        site = f"{Path(record.filename).name}:{record.lineno}"
+                        self.sites[site] = self.sites.get(site, 0) + 1
+            else:
+                self._counting.__exit__(None, None, None)
+                for site, n in self._mode.sites.items():
+                    self.sites[site] = self.sites.get(site, 0) + n
+            self._active = None
+            self.steps_counted += 1
+
+        @property
+        def per_step(self) -> float | None:
+            return sum(self.sites.values()) / self.steps_counted if self.steps_counted else None
+
+    return SyncCounter
+
+
+def graph_breaks() -> tuple[int, int]:
+    """(graph breaks, graphs compiled) that dynamo recorded in this process."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values()), int(counters["stats"]["unique_graphs"])
 
 
 def training_flops(module, images: torch.Tensor, step: int) -> tuple[int, int]:
@@ -215,12 +361,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         SyntheticBatches({"image": images, "label": torch.zeros(batch_size, dtype=torch.long, device=device)}),
         batch_size=None, num_workers=0)
 
-    timer = step_timer_class()(args.warmup, device, profile=args.profile)
+    timer = step_timer_class()(args.warmup, device, profile=args.profile, steps=args.steps)
+    # Host syncs are counted in extra steps after the timed ones (the counting slows a step), and one
+    # more step ends the run: the module reads its skip counters back at the last step and every
+    # log_every_n_steps (here never in between), not in the steps counted.
+    syncs = sync_counter_class()(args.warmup + args.steps, args.sync_steps, device)
+    torch._dynamo.reset()  # graph-break counters of this run only
+    torch._dynamo.utils.counters.clear()
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=args.precision,
-        max_steps=args.warmup + args.steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
+        max_steps=args.warmup + args.steps + args.sync_steps + 1, max_epochs=-1, limit_val_batches=0,
+        num_sanity_val_steps=0, log_every_n_steps=10**9,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[timer], use_distributed_sampler=False, benchmark=device.type == "cuda",
+        callbacks=[timer, syncs], use_distributed_sampler=False, benchmark=device.type == "cuda",
         default_root_dir=tempfile.gettempdir())
     with common.MemoryMeter(device) as memory:
         trainer.fit(module, train_dataloaders=loader)
@@ -229,6 +382,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flop_batch = images[: min(2, batch_size)]
     flops, tokenizer_flops = (f / flop_batch.shape[0] for f in training_flops(module, flop_batch, int(module.step)))
 
+    breaks, graphs = graph_breaks()
     measured = sum(timer.step_seconds)
     wall = (timer.last_end - timer.first_start) if timer.step_seconds else 0.0
     # The median step: robust to the odd step slowed by other processes; the mean is kept too.
@@ -257,6 +411,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "step_ms_min": round(1000 * min(timer.step_seconds), 2),
         "step_ms_max": round(1000 * max(timer.step_seconds), 2),
         "loop_overhead_pct": round(100 * max(0.0, wall - measured) / wall, 1) if wall else 0.0,
+        # What `model.compile` compiled: the objective (tokenizer forward + losses) or the tokenizer alone.
+        "compiled": ("objective" if discriminator is None else "tokenizer") if args.compile else None,
+        "graph_breaks": breaks if args.compile else None,
+        "graphs": graphs if args.compile else None,
+        "host_syncs_per_step": None if syncs.per_step is None else round(syncs.per_step, 2),
+        "host_sync_sites": dict(sorted(syncs.sites.items())),
+        "fused_optimizer": bool(trainer.optimizers[0].defaults.get("fused")),
         "gflop_per_image": round(flops / 1e9, 4),
         "tokenizer_gflop_per_image": round(tokenizer_flops / 1e9, 4),
         "achieved_gflops": round(flops * images_per_sec / 1e9, 2),
@@ -304,6 +465,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
+    parser.add_argument("--sync-steps", type=int, default=2,
+                        help="steps after the timed ones in which host syncs are counted (default 2)")
     parser.add_argument("--gan", choices=("on", "off", "config"), default="on",
                         help="GAN phase when the experiment has a discriminator (default: on from step 0)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights and images")

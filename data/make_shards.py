@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Pack a folder of images into webdataset shards that the data configs read.
 
-    python data/make_shards.py SRC OUT [--shard-size 1000] [--prefix train] [--max-images N]
+    python data/make_shards.py SRC OUT [--shard-size 1000] [--prefix train] [--max-images N] [--captions FILE|DIR]
 
 SRC is either a folder of images (searched recursively) or an ImageFolder tree
 (SRC/<class>/<image>): when SRC holds only sub-folders, each one is a class, the sample's
 "cls" is the index of its name in sorted order, and OUT/classes.json lists the names.
 JPEG, PNG and WebP files are stored byte for byte; other formats are re-encoded as PNG.
 Every image is fully decoded first; unreadable ones are skipped with a warning and counted.
+Captions (image + text data, webdataset "txt"): `--captions` names a JSON file mapping each
+image's path relative to SRC (or its sample key) to its caption, or a folder holding
+`<relative path without suffix>.txt` per image; images without a caption are skipped with a warning.
 Images are written in a seeded random order (`--no-shuffle` keeps the sorted order), so
 that each shard mixes classes. The summary goes to stderr and the last line on stdout is
 the brace pattern of the shards, e.g. `OUT/train-{000000..000012}.tar`.
@@ -55,9 +58,31 @@ def plan(src: Path, flat: bool) -> tuple[list[tuple[Path, str, int]], list[str] 
     return jobs, classes
 
 
-def encode(job: tuple[Path, str, int]) -> tuple[dict | None, str | None]:
-    """(sample, None) for a readable image, (None, reason) otherwise."""
-    path, key, label = job
+def read_captions(source: Path, src: Path, jobs: list[tuple[Path, str, int]]) -> dict[str, str]:
+    """key -> caption from a sidecar JSON file (relative path or key -> caption) or folder of .txt files."""
+    if source.is_dir():
+        captions = {}
+        for path, key, _ in jobs:
+            sidecar = source / path.relative_to(src).with_suffix(".txt")
+            if sidecar.is_file():
+                captions[key] = sidecar.read_text(encoding="utf-8").strip()
+        return captions
+    table = json.loads(source.read_text(encoding="utf-8"))
+    if not isinstance(table, dict):
+        raise ValueError(f"{source} must map image paths (relative to the source folder) or keys to captions")
+    captions = {}
+    for path, key, _ in jobs:
+        rel = path.relative_to(src).as_posix()
+        caption = table.get(rel, table.get(key))
+        if caption is not None:
+            captions[key] = str(caption)
+    return captions
+
+
+def encode(job: tuple) -> tuple[dict | None, str | None]:
+    """(sample, None) for a readable image, (None, reason) otherwise. A job is (path, key, label)
+    or (path, key, label, caption)."""
+    path, key, label = job[:3]
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as img:
@@ -73,6 +98,8 @@ def encode(job: tuple[Path, str, int]) -> tuple[dict | None, str | None]:
     sample = {"__key__": key, ext: data}
     if label >= 0:
         sample["cls"] = label
+    if len(job) > 3:
+        sample["txt"] = job[3]
     return sample, None
 
 
@@ -88,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flat", action="store_true", help="never treat sub-folders as classes")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards of this prefix")
+    parser.add_argument("--captions", type=Path, default=None,
+                        help="sidecar captions: JSON file (relative path or key -> caption) or folder of .txt files")
     args = parser.parse_args(argv)
 
     if not args.src.is_dir():
@@ -102,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     jobs = jobs[: args.max_images]
     if not jobs:
         parser.error(f"no image files under {args.src}")
+    if args.captions is not None:
+        if not args.captions.exists():
+            parser.error(f"no captions file or folder at {args.captions}")
+        captions = read_captions(args.captions, args.src, jobs)
+        uncaptioned = [key for _, key, _ in jobs if key not in captions]
+        for key in uncaptioned[:20]:
+            print(f"warning: no caption for {key}; skipped", file=sys.stderr)
+        jobs = [(*job, captions[job[1]]) for job in jobs if job[1] in captions]
+        if not jobs:
+            parser.error(f"no image under {args.src} has a caption in {args.captions}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     if classes:

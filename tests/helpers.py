@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,28 @@ CONF_DIR = REPO_ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
+# Set by CI (.ci/run): the reference fixtures of ../shared are then required, and a missing one fails
+# the test instead of skipping it, so that a moved or renamed fixture cannot silently turn the
+# strongest tests off. Users who clone without ../shared (variable unset) get skips.
+REQUIRE_SHARED_VAR = "REQUIRE_SHARED"
+
+
+def shared_required() -> bool:
+    return os.environ.get(REQUIRE_SHARED_VAR, "") not in ("", "0")
+
+
+def missing_fixture(message: str) -> None:
+    """Fail (REQUIRE_SHARED set) or skip the running test because a reference fixture is absent."""
+    if shared_required():
+        pytest.fail(f"{message}; {REQUIRE_SHARED_VAR}=1 requires it", pytrace=False)
+    pytest.skip(message)
+
+
 def reference_path(shared_dir: Path, model: str, name: str = "") -> Path:
-    """`shared_dir/reference/<model>/<name>`, or a skip naming what is missing."""
+    """`shared_dir/reference/<model>/<name>`, or a skip (a failure under REQUIRE_SHARED=1) naming what is missing."""
     path = shared_dir / "reference" / model / name
     if not path.exists():
-        pytest.skip(f"{path} is absent: the {model} reference fixtures are not in this checkout")
+        missing_fixture(f"{path} is absent: the {model} reference fixtures are not in this checkout")
     return path
 
 

@@ -3,6 +3,7 @@
 import hydra
 import pytest
 import torch
+import yaml
 from helpers import CONF_DIR, EXPERIMENTS, compose_train
 from omegaconf import OmegaConf
 
@@ -17,11 +18,34 @@ def test_required_experiments_exist():
     assert REQUIRED_EXPERIMENTS <= set(EXPERIMENTS)
 
 
+def _leaves(node, prefix=""):
+    """{dotted key: value} of every scalar in a plain nested dict/list."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return {prefix: node}
+    out = {}
+    for key, value in items:
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 @pytest.mark.parametrize("group", ["trainer", "logger", "data", "callbacks", "debug", "model"])
 def test_every_group_option_composes(group, tmp_path):
+    """Each option composes, and its own values are what the composed config holds: every scalar the
+    option file sets (defaults lists and interpolations aside) is found at its key, so an option
+    that composed but was shadowed or mis-packaged would show."""
     for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
         cfg = compose_train([f"{group}={option}"], tmp_path)
-        OmegaConf.to_container(cfg.get(group) if group != "debug" else cfg, resolve=False)
+        raw = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()) or {}
+        raw.pop("defaults", None)
+        root = OmegaConf.to_container(cfg if group == "debug" else cfg[group], resolve=False)
+        composed = _leaves(root)
+        stated = {k: v for k, v in _leaves(raw).items() if not (isinstance(v, str) and "${" in v)}
+        assert stated, f"{group}/{option}.yaml sets no value of its own"
+        assert {k: composed.get(k, "<absent>") for k in stated} == stated, f"{group}={option}"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -6,6 +6,7 @@ import difflib
 import inspect
 import netrc
 import os
+import re
 import types
 import typing
 from collections import abc
@@ -13,6 +14,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import hydra
+import hydra.errors
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 
@@ -110,8 +112,9 @@ _INSTANTIATE_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args
 _UNREADABLE = object()
 
 
-class ConfigError(ValueError):
-    """A composed config that cannot work; the message names every offending key."""
+class ConfigError(ValueError, hydra.errors.CompactHydraException):
+    """A composed config that cannot work; the message names every offending key. (Hydra prints
+    a CompactHydraException as its message alone: `train.py` fails without a traceback.)"""
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -121,9 +124,11 @@ def check_config(cfg: DictConfig) -> None:
     them; other annotations are not checked). Hydra rejects unknown keys on the command line
     already; this catches them in experiment files (and `+key=` overrides) and catches wrong
     types (`trainer.max_steps=abc`) before a run spends minutes building models and data.
-    Raises ConfigError listing every problem with its full key."""
+    Then checks values against `VALUE_RULES` (ranges, and relations such as image_size and
+    patch_size). Raises ConfigError listing every problem with its full key."""
     problems: list[str] = []
     _check_node(cfg, "", problems)
+    _check_values(cfg, problems)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -256,3 +261,221 @@ def _fits(value: Any, annotation: Any) -> bool:
 
 def _type_name(annotation: Any) -> str:
     return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+# -- value ranges ------------------------------------------------------------------------------------
+class Rule(typing.NamedTuple):
+    """The values a key may take: `test(value, *values of refs)` says whether `value` fits;
+    `allowed` words them for the error (`{0}`, `{1}`: the keys in `refs`, shown with their
+    values). `refs` are keys the value is compared with, a name without a dot being a sibling of
+    the checked key; when one of them is absent or null there is nothing to compare with and the
+    rule holds. `null`: whether null is allowed (for an option, null means "off" or "default")."""
+
+    allowed: str
+    test: typing.Callable[..., bool]
+    refs: tuple[str, ...] = ()
+    null: bool = False
+
+    def problem(self, cfg: DictConfig, key: str, value: Any) -> str | None:
+        """None if `value` (the value of `key` in `cfg`) fits, else the allowed values in words."""
+        if value is None:
+            return None if self.null else self.allowed
+        refs = [ref if "." in ref else f"{key.rpartition('.')[0]}.{ref}".lstrip(".") for ref in self.refs]
+        others = [_select(cfg, ref) for ref in refs]
+        if any(other is None or other is _UNREADABLE for other in others) or self.test(value, *others):
+            return None
+        words = self.allowed.format(*(f"{ref} ({_show(other)})" for ref, other in zip(refs, others)))
+        return f"{words}, or null" if self.null and not refs else words
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def integer(low: int, high: int | None = None, *, null: bool = False) -> Rule:
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    return Rule(allowed, lambda v: _is_int(v) and v >= low and (high is None or v <= high), null=null)
+
+
+def number(low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False,
+           null: bool = False) -> Rule:
+    if high is None:
+        allowed = f"a number {'>' if open_low else '>='} {low}"
+    else:
+        allowed = f"a number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+
+    def test(v: Any) -> bool:
+        return (_is_number(v) and (v > low if open_low else v >= low)
+                and (high is None or (v < high if open_high else v <= high)))
+
+    return Rule(allowed, test, null=null)
+
+
+def any_of(*rules: Rule, null: bool = False) -> Rule:
+    return Rule(" or ".join(r.allowed for r in rules), lambda v: any(r.test(v) for r in rules), null=null)
+
+
+def each(rule: Rule, *, null: bool = False) -> Rule:
+    """A list whose every item fits `rule`."""
+    return Rule(f"a list, every item {rule.allowed}",
+                lambda v: isinstance(v, (list, ListConfig)) and all(rule.test(x) for x in v), null=null)
+
+
+def one_of(*choices: Any) -> Rule:
+    return Rule("one of " + ", ".join(map(repr, choices)), lambda v: v in choices)
+
+
+def multiple_of(ref: str) -> Rule:
+    # A non-positive `ref` is its own row's problem.
+    return Rule("a multiple of {0}", lambda v, other: not (_is_int(other) and other > 0)
+                or (_is_int(v) and v % other == 0), refs=(ref,), null=True)
+
+
+def at_most(ref: str) -> Rule:
+    return Rule("at most {0}", lambda v, other: not _is_number(other) or (_is_number(v) and v <= other),
+                refs=(ref,), null=True)
+
+
+def equal_to(ref: str, why: str = "") -> Rule:
+    return Rule("equal to {0}" + why, lambda v, other: v == other, refs=(ref,), null=True)
+
+
+PROBABILITY = number(0, 1)
+POSITIVE = number(0, open_low=True)
+NON_NEGATIVE = number(0)
+CROP_SCALE = Rule("[lo, hi] with 0 < lo <= hi <= 1",
+                  lambda v: isinstance(v, (list, ListConfig)) and len(v) == 2 and all(map(_is_number, v))
+                  and 0 < v[0] <= v[1] <= 1, null=True)
+
+# (key pattern, rule): every key of the composed config matching a pattern must fit its rule.
+# In a pattern `*` stands for any part of one key name, `**.` for any number of parent keys, and
+# `{a,b}` for either name. A key matching several rows must fit all of them (the first misfit is
+# reported). A new model adds rows for its options here.
+VALUE_RULES: list[tuple[str, Rule]] = [
+    # data
+    ("data.{batch_size,resolution}", integer(1)),
+    ("data.val_batch_size", integer(1, null=True)),  # null: batch_size
+    ("data.{num_workers,shuffle_buffer}", integer(0)),
+    ("data.val_max_images", integer(1, null=True)),  # null: all
+    ("data.crop_scale", CROP_SCALE),
+    # trainer and callbacks: steps and intervals
+    ("trainer.max_steps", integer(1)),  # an infinite stream: a run ends by steps only
+    ("trainer.val_check_interval", any_of(integer(1), number(0, 1, open_low=True), null=True)),
+    ("trainer.limit_val_batches", any_of(integer(0), number(0, 1))),
+    ("trainer.{log_every_n_steps,num_nodes}", integer(1)),
+    ("trainer.num_sanity_val_steps", integer(-1)),
+    ("callbacks.*.{every_n_train_steps,every_n_steps}", integer(0, null=True)),  # 0 / null: off
+    ("callbacks.*.save_top_k", integer(-1)),
+    ("callbacks.*.{num_images,window}", integer(1)),
+    # optimization
+    ("model.{optimizer,disc_optimizer}.lr", POSITIVE),
+    ("model.{optimizer,disc_optimizer}.weight_decay", NON_NEGATIVE),
+    ("model.{optimizer,disc_optimizer}.betas", each(number(0, 1, open_high=True))),
+    ("model.schedule.name", one_of("cosine", "constant")),
+    ("model.schedule.warmup_steps", integer(0)),
+    ("model.schedule.warmup_steps", at_most("total_steps")),
+    ("model.schedule.total_steps", integer(1, null=True)),  # null: trainer.max_steps
+    ("model.schedule.min_lr_ratio", number(0, 1)),
+    ("model.ema_decay", number(0, 1, open_low=True, open_high=True, null=True)),  # null: no EMA
+    ("model.{grad_clip,disc_grad_clip}", number(0, open_low=True, null=True)),  # null: no clipping
+    ("model.max_nonfinite_steps", integer(1)),
+    ("model.codebook_log_every", integer(0)),  # 0: off
+    # objectives
+    ("model.objective.{pixel,lpips,convnext,aux,gan,lecam,distill,flow,repa}_weight", NON_NEGATIVE),
+    ("model.objective.gan_start_step", integer(0)),
+    ("model.objective.discriminator_kwargs.{base_channels,num_layers,num_groups}", integer(1)),
+    ("model.objective.**.image_size", integer(1)),
+    # tokenizers: sizes the model is built with
+    ("model.tokenizer.{image_size,patch_size}", integer(1)),
+    ("model.tokenizer.image_size", multiple_of("patch_size")),
+    # The model is built for one input size; the data must deliver it.
+    ("model.tokenizer.image_size", equal_to("data.resolution", ", the size the data delivers")),
+    ("model.tokenizer.{num_latent_tokens,num_registers}", integer(1)),  # token counts
+    ("model.tokenizer.{codebook_size,proxy_codebook_size,token_dim,semantic_code_dim,pixel_code_dim}", integer(1)),
+    ("model.tokenizer.*_{width,depth,heads,channels,res_blocks}", integer(1, null=True)),  # null: the preset's
+    ("model.tokenizer.encoder_width", multiple_of("encoder_heads")),
+    ("model.tokenizer.decoder_width", multiple_of("decoder_heads")),
+    ("model.tokenizer.semantic_decoder_width", multiple_of("semantic_decoder_heads")),
+    ("model.tokenizer.**.{image_size,patch_size,heads,layers,width}", integer(1)),
+    ("model.tokenizer.{semantic_decoder_grid,pixel_norm_groups,repa_dim,repa_hidden,semantic_out_dim}",
+     integer(1, null=True)),
+    ("model.tokenizer.levels", each(integer(2))),  # FSQ levels per channel
+    ("model.tokenizer.{scales,*channel_mult}", each(integer(1), null=True)),
+    ("model.tokenizer.{commitment,codebook,kl,pixel_distance}_weight", NON_NEGATIVE),
+    ("model.tokenizer.dead_code_threshold", NON_NEGATIVE),
+    ("model.tokenizer.mlp_ratio", POSITIVE),
+    ("model.tokenizer.nested_dropout", one_of("none", "uniform", "pow2", "uniform_pow2")),
+    ("**.{cond_dropout,drop_scale_prob}", PROBABILITY),  # probabilities
+    ("model.tokenizer.sample_steps", integer(1)),
+    ("model.tokenizer.{guidance_scale,register_init_std}", NON_NEGATIVE),
+    ("model.tokenizer.t_std", POSITIVE),
+]
+
+
+def _pattern(pattern: str) -> re.Pattern[str]:
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**.", i):
+            out, i = out + r"(?:[^.]+\.)*", i + 3
+        elif pattern[i] == "*":
+            out, i = out + r"[^.]*", i + 1
+        elif pattern[i] == "{":
+            end = pattern.index("}", i)
+            out += "(?:" + "|".join(map(_pattern_part, pattern[i + 1:end].split(","))) + ")"
+            i = end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def _pattern_part(part: str) -> str:
+    return _pattern(part).pattern
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, default=None)
+    except Exception:  # an interpolation that only resolves later
+        return _UNREADABLE
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    return repr(value)
+
+
+def _leaves(node: Any, path: str) -> abc.Iterator[tuple[str, Any]]:
+    """(full key, value) of every option under `node`: scalars and lists; dicts in lists are walked."""
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            if (path == "" and key == "hydra") or key in _INSTANTIATE_KEYS or OmegaConf.is_missing(node, key):
+                continue
+            yield from _leaves(_child(node, key), f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        yield path, node
+        for i in range(len(node)):
+            item = _child(node, i)
+            if isinstance(item, DictConfig):
+                yield from _leaves(item, f"{path}[{i}]")
+    elif node is not _UNREADABLE:
+        yield path, node
+
+
+def _check_values(cfg: DictConfig, problems: list[str]) -> None:
+    rules = [(_pattern(pattern), rule) for pattern, rule in VALUE_RULES]
+    reported = {re.match(r"[^=:]*", problem).group(0) for problem in problems}  # wrong types: said already
+    for key, value in _leaves(cfg, ""):
+        if key in reported:
+            continue
+        for pattern, rule in rules:
+            allowed = rule.problem(cfg, key, value) if pattern.fullmatch(key) else None
+            if allowed is not None:
+                problems.append(f"{key}={_show(value)}: invalid value, must be {allowed}")
+                break

@@ -114,19 +114,21 @@ def metrics_factory(
     lpips_weights: str | os.PathLike | None = None,
     strict_fid: bool = False,
     strict_lpips: bool = False,
+    download: bool = True,
 ) -> tuple[MetricsFactory, dict[str, str]]:
     """A factory of empty `ReconstructionMetrics` sharing one Inception and one LPIPS network
     (one accumulator per token count, one copy of each network), and notes on what is skipped.
 
-    Missing weights: the metric is left out (reported as None) with a warning naming the file and
-    the option to set, recorded in the notes; with `strict_fid` / `strict_lpips` they raise
-    `MissingWeightsError` instead.
+    Weights missing from the torch hub cache are fetched there (checksum checked) unless `download`
+    is False or HF_HUB_OFFLINE is set. Still missing: the metric is left out (reported as None) with
+    a warning naming the file and the option to set, recorded in the notes; with `strict_fid` /
+    `strict_lpips` they raise `MissingWeightsError` instead.
     """
     notes: dict[str, str] = {}
     fid_net: nn.Module | None = fid if isinstance(fid, nn.Module) else None
     if fid is True:
         try:
-            fid_net = InceptionFeatures(inception_weights)
+            fid_net = InceptionFeatures(inception_weights, download=download)
         except MissingWeightsError as err:
             if strict_fid:
                 raise
@@ -136,7 +138,7 @@ def metrics_factory(
     lpips_net: LPIPSMetric | None = None
     if lpips:
         try:
-            lpips_net = LPIPSMetric(lpips_weights)
+            lpips_net = LPIPSMetric(lpips_weights, download=download)
         except MissingWeightsError as err:
             if strict_lpips:
                 raise
@@ -217,6 +219,7 @@ def evaluate_reconstruction(
     k_recon: dict[int, list[Tensor]] = {k: [] for k in counts}
     k_kept = 0
     was_training = tokenizer.training
+    extra: dict[str, Tensor] = {}
     tokenizer.eval()
     bar = tqdm(total=total, unit="img", desc="reconstruct", disable=not progress or rank != 0, dynamic_ncols=True)
     try:
@@ -228,6 +231,11 @@ def evaluate_reconstruction(
                 recon_k = {k: tokenizer.decode(encoded, num_tokens=k) for k in per_length}
             ids = encoded.ids
             main.update(images, recon.float(), ids)
+            # Per-image numbers a model reports besides the pixel metrics (SEED: embedding cosine).
+            for name, values in (tokenizer.extra_metrics(images, encoded) if hasattr(tokenizer, "extra_metrics")
+                                 else {}).items():
+                sums = extra.setdefault(name, torch.zeros(2, dtype=torch.float64, device=device))
+                sums += torch.stack([values.double().sum(), torch.tensor(float(values.numel()), device=device)])
             for k, r in recon_k.items():
                 per_length[k].update(images, r.float(), None if ids is None else ids[:, :k])
             if grid_path is not None and rank == 0 and kept < grid_images:
@@ -248,6 +256,9 @@ def evaluate_reconstruction(
         tokenizer.train(was_training)
 
     result: dict[str, Any] = main.compute()
+    for name, sums in sorted(extra.items()):  # every rank has the same names (the same model)
+        total_sum, count = all_reduce_sum(sums).tolist()
+        result[name] = total_sum / count if count else None
     if counts:
         result["tokens"] = {k: dict(result) if k == full else per_length[k].compute() for k in counts}
     if grid_real:
@@ -435,8 +446,8 @@ def resolve_data_source(
     """`data=` as make_eval_loader's source: a preset name becomes its validation shards.
 
     A name with a `conf_dir/data/<name>.yaml` is a preset: its `val_shards`, or for the demo
-    preset `<demo_dir>/val-*.tar` (built by rank 0 if missing). Anything else (a folder of
-    images, a brace pattern, a glob, a folder of shards) is returned unchanged.
+    presets (demo, demo_video) `<demo_dir>/val-*.tar` (built by rank 0 if missing). Anything else
+    (a folder of images or videos, a brace pattern, a glob, a folder of shards) is returned unchanged.
     """
     data = str(data)
     preset_file = Path(conf_dir) / "data" / f"{data}.yaml" if conf_dir is not None else None
@@ -444,7 +455,8 @@ def resolve_data_source(
         return data
     preset = _compose_data_preset(data, Path(conf_dir), paths)
     if "demo_dir" in preset:
-        return _demo_val_shards(str(preset.demo_dir), processes or Processes(0, 1, torch.device("cpu")))
+        video = str(preset.get("_target_", "")).endswith("DemoVideoDataModule")
+        return _demo_val_shards(str(preset.demo_dir), processes or Processes(0, 1, torch.device("cpu")), video)
     from omegaconf import OmegaConf
 
     if "val_shards" not in preset or OmegaConf.is_missing(preset, "val_shards") or preset.val_shards is None:
@@ -472,15 +484,15 @@ def _compose_data_preset(name: str, conf_dir: Path, paths: Mapping | None):
     return OmegaConf.merge(context, composed).data
 
 
-def _demo_val_shards(demo_dir: str, processes: Processes) -> str:
-    from tokenizers_vis.data import ensure_demo_shards, resolve_shards
+def _demo_val_shards(demo_dir: str, processes: Processes, video: bool = False) -> str:
+    from tokenizers_vis.data import ensure_demo_shards, ensure_demo_video_shards, resolve_shards
 
     pattern = f"{demo_dir}/val-*.tar"
     if processes.rank == 0:
         try:
             resolve_shards(pattern)
         except FileNotFoundError:
-            ensure_demo_shards(demo_dir)
+            (ensure_demo_video_shards if video else ensure_demo_shards)(demo_dir)
     processes.barrier()  # unconditional, so every rank takes part whatever rank 0 found
     return pattern
 
@@ -526,6 +538,7 @@ def run_evaluation(cfg: Mapping, conf_dir: str | os.PathLike | None = None) -> d
             lpips_weights=cfg.get("lpips_weights"),
             strict_fid=bool(cfg.get("strict_fid", False)),
             strict_lpips=bool(cfg.get("strict_lpips", False)),
+            download=bool(cfg.get("download", True)),
         )
         resolution = int(cfg.get("resolution") or tokenizer.image_size)
         source = resolve_data_source(str(cfg.data_source), conf_dir, cfg.get("paths"), processes)

@@ -121,6 +121,10 @@ def test_flextok_evaluation_writes_per_k_files_only_for_several_counts(flextok_d
     with Image.open(tmp_path / "several" / PER_K_PLOT_FILE) as image:
         assert image.size == (2 * 360, 320)  # PSNR and SSIM: no rFID or LPIPS measured
     assert sorted(several["tokens"]) == ["1", "2", "4"] and several["num_images"] == NUM_IMAGES
+    # Each count is its own measurement: decoding 1, 2 or 4 tokens gives different reconstructions.
+    for metric in ("psnr", "ssim"):
+        values = [several["tokens"][k][metric] for k in ("1", "2", "4")]
+        assert len(set(values)) == 3, (metric, values)
 
     one = _evaluate(flextok_dir, image_folder, tmp_path / "one", "tokens=[4]")
     plain = _evaluate(flextok_dir, image_folder, tmp_path / "plain")

@@ -12,11 +12,12 @@ import math
 
 import hydra
 import pytest
-from eval_testing import random_inception_weights
+from eval_testing import CONF_DIR, compose_eval, random_inception_weights
 from helpers import compose_train
 
 from tokenizers_vis.config import prepare_config
 from tokenizers_vis.data import ensure_demo_shards
+from tokenizers_vis.evaluation import run_evaluation
 from tokenizers_vis.metrics import INCEPTION_WEIGHTS_FILE, InceptionFeatures
 from tokenizers_vis.training.run import run_training
 
@@ -62,12 +63,22 @@ def logged(run_dir, column: str) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 4 images, 2048-d features: singular
-def test_training_logs_val_rfid(demo_data, inception_file, tmp_path, empty_torch_home):
+def test_training_logs_val_rfid_equal_to_the_evaluators(demo_data, inception_file, tmp_path, empty_torch_home):
+    """The rFID logged by validation is the evaluator's (eval/reconstruct.py) on the same images
+    and the same (EMA) weights: the final checkpoint, the 4 validation images, the same Inception."""
     overrides = [f"++model.val_metrics.inception_weights={inception_file}", "validate_after_fit=false", "logger=csv"]
-    summary = run_training(compose_train(SMOKE + overrides, tmp_path, data_dir=demo_data))
+    summary = run_training(compose_train(SMOKE + overrides, tmp_path / "run", data_dir=demo_data))
     assert summary["steps"] == 3
-    rfid = logged(tmp_path, "val/rfid")
-    assert len(rfid) == 1 and math.isfinite(rfid[0]) and logged(tmp_path, "val/psnr")
+    rfid, psnr = logged(tmp_path / "run", "val/rfid"), logged(tmp_path / "run", "val/psnr")
+    assert len(rfid) == 1 and math.isfinite(rfid[0]) and len(psnr) == 1
+    cfg = compose_eval([f"tokenizer={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+                        f"data_source={demo_data / 'demo' / 'val-*.tar'}", "resolution=64", "batch_size=2",
+                        f"inception_weights={inception_file}", "lpips=false", "download=false"], tmp_path / "eval")
+    record = run_evaluation(cfg, conf_dir=CONF_DIR)
+    assert record["num_images"] == 4
+    # Same features up to float summation order; the Frechet distance of 4 points is ill-conditioned.
+    assert record["rfid"] == pytest.approx(rfid[0], rel=1e-3)
+    assert record["psnr"] == pytest.approx(psnr[0], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -62,3 +62,19 @@ def test_reconstruction_metrics_use_the_inception_weights_they_are_given(random_
     metrics = ReconstructionMetrics(fid=True, lpips=False, inception_weights=random_inception_file, strict_fid=True)
     assert isinstance(metrics.fid.extractor, InceptionFeatures)
     assert metrics.fid.real.dim == 2048
+
+
+def test_features_equal_torch_fidelitys_extractor_on_the_same_weights(random_inception_file, empty_hub_dir):
+    """The wrapper is torch-fidelity's extractor: same features, bit for bit, from uint8 images and
+    from [0, 1] floats (rounded to uint8 first, as a saved PNG would be)."""
+    reference = tf_inception.FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(random_inception_file)).eval()
+    images = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    as_uint8 = (images * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        expected = reference(as_uint8)[0]
+    # The random network tells images apart (its features are small: compare relatively).
+    assert (expected[0] - expected[1]).abs().max() > 0.01 * expected.abs().max()
+    features = InceptionFeatures(random_inception_file)
+    assert torch.equal(features(as_uint8), expected)
+    assert torch.equal(features(images), expected)

@@ -28,7 +28,6 @@ def test_flow_objective_interface():
 
 
 def test_repa_aligns_the_chosen_decoder_layer_with_a_frozen_encoder():
-    pytest.importorskip("timm")
     model = FlexTok(**TINY, repa_layer=1, repa_dim=16, repa_hidden=32).train()
     objective = FlowMatchingObjective(repa_weight=0.5, repa_encoder=TINY_DINO)
     assert not any(p.requires_grad for p in objective.frozen.parameters())
@@ -42,7 +41,6 @@ def test_repa_aligns_the_chosen_decoder_layer_with_a_frozen_encoder():
 
 
 def test_repa_needs_a_repa_layer_and_matching_width():
-    pytest.importorskip("timm")
     objective = FlowMatchingObjective(repa_weight=1.0, repa_encoder=TINY_DINO)
     with pytest.raises(ValueError, match="repa_layer"):
         objective(FlexTok(**TINY), torch.rand(1, 3, 32, 32), 0)

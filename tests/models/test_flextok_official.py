@@ -16,8 +16,6 @@ from tokenizers_vis import load_tokenizer
 from tokenizers_vis.models.flextok import FlexTok
 from tokenizers_vis.models.flextok_official import convert_config, convert_state_dict, read_official_config
 
-pytest.importorskip("diffusers", reason="the official FlexTok has a diffusers VAE stage")
-
 ATOL = 1e-4  # the README's suggested tolerance for every float output
 
 
@@ -56,8 +54,10 @@ def official(fixture_dir):
 def test_strict_load_after_the_mapping_and_load_tokenizer_recognises_the_layout(official):
     folder, state, _, config, tok = official
     assert isinstance(tok, FlexTok) and not tok.training
-    assert tok.num_tokens == 32 and tok.codebook_size == 64000 and tok.image_size == 64
-    fresh = FlexTok(**convert_config(config))
+    assert tok.num_tokens == 32 and tok.codebook_size == 64000
+    # From the config alone: max_sizes 8 patches x patch 2 x f8 VAE; the fixture's 64 px images fit.
+    assert tok.max_image_size == (128, 128) and tok.image_size == 128
+    fresh = FlexTok(**convert_config(config, state=state))
     converted = convert_state_dict(state, fresh.latent_channels)
     converted = {k: v for k, v in converted.items() if not k.startswith("_sincos.")}
     assert set(converted) == set(fresh.state_dict())  # every official tensor lands, nothing is missing
@@ -124,7 +124,7 @@ def test_every_detokenize_output_with_the_saved_noise(official):
     k4 = tok.decode(ids[:, :4], num_tokens=4, steps=4, guidance=3.0, apg=True, noise=io["noise.initial"])
     torch.testing.assert_close(k4 * 2 - 1, io["detok.k4_g3p0_apg.images"], atol=ATOL, rtol=0)
     # The seeded generator draws the same initial noise as the official pipeline.
-    generated = tok.initial_noise(2, torch.Generator().manual_seed(2024), "cpu")
+    generated = tok.initial_noise(2, torch.Generator().manual_seed(2024), "cpu", image_size=64)
     assert torch.equal(generated, io["noise.initial"])
 
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler  # noqa: E402
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 
 from tokenizers_vis.nn.diffusion import euler_sample, rescale_guidance  # noqa: E402
 from tokenizers_vis.nn.diffusion_decoder import (  # noqa: E402

@@ -225,11 +225,11 @@ def test_timm_tower_reloads_from_a_local_file(tmp_path):
         assert torch.equal(reloaded(images), tower(images))
 
 
-def _offline():
+def _offline(monkeypatch):
+    """Offline whatever the environment says: a known model name must not start a download."""
     import huggingface_hub.constants
 
-    if not huggingface_hub.constants.HF_HUB_OFFLINE:
-        pytest.skip("HF_HUB_OFFLINE is not in effect; a known model name could start a download")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.mark.parametrize("pretrained", ["/nonexistent/clip_visual.pt", "not-an-open-clip-model"])
@@ -238,15 +238,15 @@ def test_clip_missing_weights_name_the_config_key(pretrained):
         build_vision_tower("openai_clip", pretrained=pretrained, config_key=KEY)
 
 
-def test_clip_known_name_offline_with_empty_cache_raises_clear_error(tmp_path):
-    _offline()
+def test_clip_known_name_offline_with_empty_cache_raises_clear_error(tmp_path, monkeypatch):
+    _offline(monkeypatch)
     with pytest.raises(MissingWeightsError, match=f"{KEY}.*local state-dict file"):
         build_vision_tower("openai_clip", pretrained="ViT-B-16/openai", config_key=KEY, cache_dir=str(tmp_path))
 
 
 @pytest.mark.parametrize("pretrained", ["/nonexistent/siglip", "no-such-org/siglip-missing",
                                         "google/siglip-so400m-patch14-384"])
-def test_siglip_missing_weights_name_the_config_key(pretrained, tmp_path):
-    _offline()
+def test_siglip_missing_weights_name_the_config_key(pretrained, tmp_path, monkeypatch):
+    _offline(monkeypatch)
     with pytest.raises(MissingWeightsError, match=KEY):
         build_vision_tower("siglip", pretrained=pretrained, config_key=KEY, cache_dir=str(tmp_path))

@@ -5,6 +5,7 @@ import torch
 from helpers import compose_train
 
 from tokenizers_vis import load_tokenizer
+from tokenizers_vis.export import export_checkpoint
 from tokenizers_vis.losses.flow import FlowMatchingObjective
 from tokenizers_vis.models import FlexTok
 from tokenizers_vis.training.run import run_training
@@ -43,6 +44,19 @@ def test_demo_experiment_trains_validates_and_exports(demo_data, tmp_path):
     assert isinstance(tok, FlexTok) and tok.num_tokens == 16
     x = torch.rand(1, 3, 32, 32)
     assert tok.decode(tok.encode(x), num_tokens=1).shape == x.shape
+    # Export the run (what `python -m tokenizers_vis.export RUN OUT` does): the folder rebuilds the
+    # same model without Hydra, the card names the experiment, and decoding is the checkpoint's.
+    exported = export_checkpoint(tmp_path, tmp_path / "export")
+    assert exported.step == 40 and (tmp_path / "export" / "README.md").is_file()
+    assert "flextok_demo" in (tmp_path / "export" / "README.md").read_text()
+    folder = load_tokenizer(tmp_path / "export")
+    assert isinstance(folder, FlexTok) and folder.config == tok.config
+    for name, value in tok.state_dict().items():
+        assert torch.equal(folder.state_dict()[name], value), name
+    noise = tok.initial_noise(1, torch.Generator().manual_seed(0), "cpu")
+    with torch.no_grad():
+        assert torch.equal(folder.decode(folder.encode(x), num_tokens=4, noise=noise),
+                           tok.decode(tok.encode(x), num_tokens=4, noise=noise))
 
 
 def _psnr(a, b):
@@ -97,7 +111,6 @@ TINY_VAE = ("{pretrained: null, scaling_factor: 0.5, config: {block_out_channels
 def test_checkpoint_holds_the_frozen_vae_once_and_resumes_and_loads_with_it(demo_data, tmp_path):
     """With EMA on, the frozen VAE is saved under `tokenizer.vae.*` only (not again as `ema.vae.*`);
     resume and `load_tokenizer` put it back into the EMA copy."""
-    pytest.importorskip("diffusers")
     from tokenizers_vis.hub import EMA_SHARED_KEY, checkpoint_state
 
     overrides = ["experiment=flextok_demo", "trainer.max_steps=2", "data.num_workers=0", "data.batch_size=2",

@@ -1,19 +1,24 @@
 """What a run does with bad steps, bad data, bad configs, signals and damaged checkpoint files
 (in-process, tiny models; the subprocess resume tests are in test_resume.py)."""
 
+import copy
 import functools
+import inspect
 import os
 import signal
 
+import hydra
 import pytest
 import torch
-from helpers import compose_train
+from helpers import CONF_DIR, EXPERIMENTS, compose_train
 from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
-from tokenizers_vis.config import ConfigError, resolve_ckpt_path
+from tokenizers_vis.config import ConfigError, check_config, prepare_config, resolve_ckpt_path
 from tokenizers_vis.data import write_shards
 from tokenizers_vis.losses import ReconstructionObjective
+from tokenizers_vis.models.base import batch_pixels
 from tokenizers_vis.training import NonFiniteLossError
 from tokenizers_vis.training.checkpoint import AtomicCheckpointIO, find_resume_checkpoint
 from tokenizers_vis.training.loggers import ResumableCSVLogger
@@ -41,7 +46,8 @@ def nan_steps(monkeypatch):
     steps = set()
     forward = ReconstructionObjective.forward
 
-    def poisoned(self, model, images, step):
+    def poisoned(self, model, batch, step):
+        images = batch_pixels(batch)
         return forward(self, model, images * float("nan") if step in steps else images, step)
 
     monkeypatch.setattr(ReconstructionObjective, "forward", poisoned)
@@ -158,18 +164,51 @@ def test_a_typo_on_the_command_line_fails_at_composition(tmp_path):
         compose_train(["experiment=titok_b", "model.tokenizer.widht=3"], tmp_path)
 
 
-def test_every_experiment_passes_the_config_check(tmp_path):
-    from helpers import CONF_DIR, EXPERIMENTS
+def _target_nodes(node, path=""):
+    """(key path, node) of every node with a `_target_` (what the config check inspects)."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path, node
+        for key in node.keys():
+            if not (path == "" and key == "hydra") and not OmegaConf.is_interpolation(node, key):
+                yield from _target_nodes(node[key], f"{path}.{key}" if path else str(key))
 
-    from tokenizers_vis.config import check_config, prepare_config
 
-    for experiment in EXPERIMENTS:
-        check_config(prepare_config(compose_train([f"experiment={experiment}", "debug=smoke"], tmp_path)))
-    for group in ("trainer", "callbacks", "logger", "data"):
-        for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
-            shards = ["data.train_shards=x", "data.val_shards=y"] if option == "webdataset" else []
-            overrides = [f"{group}={option}", *shards]
-            check_config(prepare_config(compose_train(["experiment=demo", *overrides], tmp_path)))
+def _takes_any_keyword(target: str) -> bool:
+    function = hydra.utils.get_object(target)
+    return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
+
+
+def _assert_the_check_passes_and_reaches_every_target(cfg):
+    """`check_config` accepts `cfg`, and rejects a copy with an unknown key added to every node it
+    builds, naming each one whose target has no **kwargs (a check that skipped a node would pass)."""
+    check_config(cfg)
+    broken = copy.deepcopy(cfg)
+    expected = []
+    for path, node in list(_target_nodes(broken)):
+        with open_dict(node):
+            node["widht"] = 3
+        if not _takes_any_keyword(node._target_):
+            expected.append(f"{path}.widht: unknown key")
+    assert len(expected) >= 6  # tokenizer, objective, optimizer, trainer, logger, callbacks at least
+    with pytest.raises(ConfigError) as err:
+        check_config(broken)
+    assert [key for key in expected if key not in str(err.value)] == []
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_passes_the_config_check(experiment, tmp_path):
+    _assert_the_check_passes_and_reaches_every_target(
+        prepare_config(compose_train([f"experiment={experiment}", "debug=smoke"], tmp_path)))
+
+
+@pytest.mark.parametrize("group", ["trainer", "callbacks", "logger", "data"])
+def test_every_group_option_passes_the_config_check(group, tmp_path):
+    # Video data options pair with video experiments (checked with them), not with the image demo.
+    for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.endswith("_video")):
+        shards = ["data.train_shards=x", "data.val_shards=y"] if option == "webdataset" else []
+        cfg = prepare_config(compose_train(["experiment=demo", f"{group}={option}", *shards], tmp_path))
+        _assert_the_check_passes_and_reaches_every_target(cfg)
 
 
 # -- checkpoint files ------------------------------------------------------------------------------

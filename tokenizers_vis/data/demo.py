@@ -2,8 +2,9 @@
 
 Each sample is a random square crop (random position, side between `min_scale` and 1 of
 the photo's shorter side) resized to `size` x `size`, stored as lossless PNG, with the
-photo's index as its class. The LFW faces (25x25 grey) are included as one more class,
-upsampled and made RGB; train and val use disjoint faces. Train and val crops come from
+photo's index as its class and a caption of the photo (`CAPTIONS`) as its "txt"; `vocab.txt`
+holds the captions' words (a vocabulary for tiny text encoders). The LFW faces (25x25 grey) are
+included as one more class, upsampled and made RGB; train and val use disjoint faces. Train and val crops come from
 different random streams. Photos that would need a download are left out.
 
     python -m tokenizers_vis.data.demo data/demo [--num-train N] [--num-val N] [--size S]
@@ -36,9 +37,34 @@ PHOTOS = (
     "stereo_motorcycle",
 )
 FACES = "lfw_face"
+# One caption per source (webdataset "txt"), for image-text objectives (SEED's stage 1).
+CAPTIONS = {
+    "astronaut": "a portrait of an astronaut in a white spacesuit in front of a flag",
+    "chelsea": "a tabby cat with green eyes looking to the side",
+    "coffee": "a cup of coffee with milk foam on a saucer",
+    "rocket": "a rocket standing on a launch pad under a blue sky",
+    "hubble_deep_field": "many small galaxies in the dark deep sky",
+    "immunohistochemistry": "brown and blue stained cells under a microscope",
+    "retina": "a red photo of the back of a human eye with blood vessels",
+    "stereo_motorcycle_left": "a motorcycle parked in a room, seen from the left",
+    "stereo_motorcycle_right": "a motorcycle parked in a room, seen from the right",
+    FACES: "a grey photo of a face",
+}
 # Faces from this index on are kept for val.
 _FIRST_VAL_FACE = 180
 MANIFEST = "demo.json"
+
+
+VOCAB_NAME = "vocab.txt"
+
+
+def caption_vocabulary() -> list[str]:
+    """BERT's special tokens, then every lower-cased word and punctuation mark of `CAPTIONS`: a
+    WordPiece vocabulary (one entry a line) for tiny text encoders, which have no BERT vocab offline."""
+    import re
+
+    words = sorted({w for caption in CAPTIONS.values() for w in re.findall(r"\w+|[^\w\s]", caption.lower())})
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
 
 
 def _load_sources() -> dict[str, list[np.ndarray]]:
@@ -90,7 +116,8 @@ def _samples(sources, classes, split: str, count: int, size: int, seed: int, min
         crop = _crop(image, size, rng, 0.75 if classes[label] == FACES else min_scale)
         buffer = io.BytesIO()
         crop.save(buffer, format="PNG")
-        yield {"__key__": f"{split}_{i:06d}", "png": buffer.getvalue(), "cls": label}
+        yield {"__key__": f"{split}_{i:06d}", "png": buffer.getvalue(), "cls": label,
+               "txt": CAPTIONS.get(classes[label], f"a photo of {classes[label]}")}
 
 
 def build_demo_shards(
@@ -131,8 +158,9 @@ def build_demo_shards(
             written[split] = [path.name for path in paths]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest = {"params": params, "classes": classes, **written}
+    manifest = {"params": params, "classes": classes, "captions": True, **written}
     (out_dir / "classes.json").write_text(json.dumps(classes, indent=1))
+    (out_dir / VOCAB_NAME).write_text("\n".join(caption_vocabulary()) + "\n")
     tmp = out_dir / f".{MANIFEST}.{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out_dir / MANIFEST)
@@ -164,7 +192,9 @@ def ensure_demo_shards(
     )
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text())
-        complete = manifest["params"] == params and all(
+        # Sets built before captions ("txt") were written are rebuilt once.
+        captioned = manifest.get("captions", False) and (out_dir / VOCAB_NAME).is_file()
+        complete = manifest["params"] == params and captioned and all(
             (out_dir / name).is_file() for name in manifest["train"] + manifest["val"]
         )
     except (OSError, ValueError, KeyError, TypeError):

@@ -11,8 +11,9 @@ Two streams share the decode and collate steps:
   running index, so every image is seen exactly once whatever the number of shards.
 
 Batches are dicts: {"image": float32 (B, 3, R, R) in [0, 1], "key": list[str],
-"label": int64 (B,), -1 where a sample has no class}; train batches also carry
-"stream": a `StreamMark` saying where in the stream they end.
+"label": int64 (B,), -1 where a sample has no class}, plus "text": list[str] when every sample
+of the batch has a caption ("txt"); train batches also carry "stream": a `StreamMark` saying
+where in the stream they end.
 
 Unreadable samples are skipped, warned about, and counted by a `SkipCounter`.
 """
@@ -34,7 +35,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tokenizers_vis.data.shards import IMAGE_EXTENSIONS, resolve_shards
-from tokenizers_vis.data.transforms import decode_image, decode_label, eval_transform, train_transform
+from tokenizers_vis.data.transforms import decode_image, decode_label, decode_text, eval_transform, train_transform
 
 IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -208,11 +209,15 @@ def image_bytes(sample: dict) -> bytes:
 
 
 def collate(samples: Sequence[dict]) -> dict:
-    return {
+    batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "key": [s["key"] for s in samples],
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
     }
+    texts = [s.get("text") for s in samples]
+    if all(text is not None for text in texts):  # captions ("txt"): image + text batches
+        batch["text"] = texts
+    return batch
 
 
 def _describe(sample: dict) -> str:
@@ -253,6 +258,8 @@ class TrainStream(IterableDataset):
     (seed, rank, v, epoch, i). Resuming at a position therefore reads and drops the samples
     before it without decoding them. `epoch` is advanced by `TrainLoader` on each new pass.
     """
+
+    collate = staticmethod(collate)  # samples -> batch; the video stream stacks clips instead
 
     def __init__(
         self,
@@ -341,7 +348,7 @@ class TrainStream(IterableDataset):
                 continue
             if len(batch) == self.batch_size:
                 skipped = self.tally.local_count()
-                out = collate(batch)
+                out = self.collate(batch)
                 out["stream"] = StreamMark(epoch, virtual, position + 1, skipped - skipped_before)
                 yield out
                 batch, skipped_before = [], skipped
@@ -354,7 +361,7 @@ class TrainStream(IterableDataset):
             raise ValueError(f"{_describe(sample)}: {exn}") from exn
         self.tally.ok()
         image = train_transform(img, self.resolution, rng, self.interpolation, self.random_flip, self.crop_scale)
-        return {"image": image, "key": sample["__key__"], "label": label}
+        return {"image": image, "key": sample["__key__"], "label": label, "text": decode_text(sample)}
 
 
 class EvalStream(IterableDataset):
@@ -424,7 +431,7 @@ class EvalStream(IterableDataset):
             raise ValueError(f"{_describe(sample)}: {exn}") from exn
         self.tally.ok()
         image = eval_transform(img, self.resolution, self.interpolation)
-        return {"image": image, "key": sample["__key__"], "label": label}
+        return {"image": image, "key": sample["__key__"], "label": label, "text": decode_text(sample)}
 
 
 class TrainLoader(wds.WebLoader):

@@ -50,6 +50,14 @@ def decode_label(sample: Mapping[str, object]) -> int:
     return int(str(value).strip())
 
 
+def decode_text(sample: Mapping[str, object]) -> str | None:
+    """The caption in the sample's "txt" entry (UTF-8), or None when it has none."""
+    value = sample.get("txt")
+    if value is None:
+        return None
+    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
 def resize_short_side(img: Image.Image, size: int, interpolation: str) -> Image.Image:
     # PIL resampling is always antialiased; the same image size is returned untouched.
     return F.resize(img, size, interpolation=interpolation_mode(interpolation), antialias=True)

@@ -70,6 +70,7 @@ class ReconstructionObjective(Objective):
         lpips_weights: str | None = None,
         convnext_weights: str | None = None,
         adaptive_gan_weight_max: float = 1e4,
+        download_weights: bool = True,
     ):
         super().__init__()
         if pixel_loss not in PIXEL_LOSSES:
@@ -100,10 +101,11 @@ class ReconstructionObjective(Objective):
         self.adaptive_gan_weight_max = adaptive_gan_weight_max
 
         if lpips_weight > 0:
-            self.add_frozen("lpips", LPIPSLoss(random_backbone=random_perceptual_weights, vgg_weights=lpips_weights))
+            self.add_frozen("lpips", LPIPSLoss(random_backbone=random_perceptual_weights, vgg_weights=lpips_weights,
+                                               download=download_weights))
         if convnext_weight > 0:
             self.add_frozen("convnext", ConvNeXtPerceptualLoss(
-                random_backbone=random_perceptual_weights, weights=convnext_weights
+                random_backbone=random_perceptual_weights, weights=convnext_weights, download=download_weights
             ))
 
         use_gan = discriminator is not None and gan_weight > 0

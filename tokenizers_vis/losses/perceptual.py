@@ -1,9 +1,10 @@
 """Frozen perceptual losses: LPIPS (VGG16) and TiTok's ConvNeXt-S logit loss.
 
 Both take images in [0, 1] and return a scalar batch mean. Their ImageNet backbones are read
-from a local file (an explicit path or the torch hub cache) and never downloaded; a missing file
-raises an error that names the config key to set. `random_backbone=True` builds random weights
-instead, for tests and CPU smoke runs.
+from an explicit path or the torch hub cache; a file missing from the cache is fetched there from
+torchvision's URL, checksum checked, as torchvision does (`tokenizers_vis.nn.weights`), unless
+`download=False` or HF_HUB_OFFLINE is set, where a missing file raises an error that names the
+config key to set. `random_backbone=True` builds random weights instead, for tests and CPU smoke runs.
 """
 
 from __future__ import annotations
@@ -24,20 +25,28 @@ from tokenizers_vis.nn.weights import MissingWeightsError, find_weights, read_st
 LPIPS_WEIGHTS_KEY = "model.objective.lpips_weights"
 CONVNEXT_WEIGHTS_KEY = "model.objective.convnext_weights"
 RANDOM_WEIGHTS_KEY = "model.objective.random_perceptual_weights"
+DOWNLOAD_KEY = "model.objective.download_weights"
 
-# File names torchvision gives these ImageNet checkpoints in the torch hub cache.
+# File names torchvision gives these ImageNet checkpoints in the torch hub cache, and its URLs
+# (VGG16_Weights.IMAGENET1K_V1, ConvNeXt_Small_Weights.IMAGENET1K_V1), whose names they are.
 VGG16_CACHE_FILE = "vgg16-397923af.pth"
 CONVNEXT_SMALL_CACHE_FILE = "convnext_small-0c510722.pth"
+WEIGHTS_URLS = {
+    VGG16_CACHE_FILE: "https://download.pytorch.org/models/vgg16-397923af.pth",
+    CONVNEXT_SMALL_CACHE_FILE: "https://download.pytorch.org/models/convnext_small-0c510722.pth",
+}
 
 
-def resolve_weights_file(path: str | None, cache_file: str, config_key: str) -> Path:
-    """The local weights file to load: `path` if given, else the torch hub cache copy.
+def resolve_weights_file(path: str | None, cache_file: str, config_key: str, download: bool = True) -> Path:
+    """The local weights file to load: `path` if given, else the torch hub cache copy (fetched from
+    torchvision's URL when missing and `download` allows it).
 
     The lookup is `tokenizers_vis.nn.weights.find_weights` (shared with the metrics); the error it
     raises (a FileNotFoundError naming the file and the config key) gains the smoke-test hint.
     """
     try:
-        return find_weights(path, cache_file, config_key, description="ImageNet weights")
+        return find_weights(path, cache_file, config_key, description="ImageNet weights",
+                            url=WEIGHTS_URLS.get(cache_file), download=download, download_option=DOWNLOAD_KEY)
     except MissingWeightsError as err:
         raise MissingWeightsError(f"{err} For smoke tests set {RANDOM_WEIGHTS_KEY}=true to use random weights.") from None
 
@@ -51,12 +60,12 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 class LPIPSLoss(FrozenModule):
     """LPIPS (VGG16 trunk, v0.1 linear heads shipped inside the `lpips` package) on [0, 1] images."""
 
-    def __init__(self, random_backbone: bool = False, vgg_weights: str | None = None):
+    def __init__(self, random_backbone: bool = False, vgg_weights: str | None = None, download: bool = True):
         super().__init__()
         # Resolve first so a missing file fails before the (slow) network build.
         weights_file = None
         if not random_backbone:
-            weights_file = resolve_weights_file(vgg_weights, VGG16_CACHE_FILE, LPIPS_WEIGHTS_KEY)
+            weights_file = resolve_weights_file(vgg_weights, VGG16_CACHE_FILE, LPIPS_WEIGHTS_KEY, download)
         with warnings.catch_warnings():
             # lpips still passes torchvision's deprecated `pretrained=` flag; harmless here.
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
@@ -86,12 +95,13 @@ class LPIPSLoss(FrozenModule):
 class ConvNeXtPerceptualLoss(FrozenModule):
     """MSE between ConvNeXt-S ImageNet logits of reconstruction and target (TiTok's extra perceptual term)."""
 
-    def __init__(self, random_backbone: bool = False, weights: str | None = None, input_size: int = 224):
+    def __init__(self, random_backbone: bool = False, weights: str | None = None, input_size: int = 224,
+                 download: bool = True):
         super().__init__()
         self.input_size = input_size
         weights_file = None
         if not random_backbone:
-            weights_file = resolve_weights_file(weights, CONVNEXT_SMALL_CACHE_FILE, CONVNEXT_WEIGHTS_KEY)
+            weights_file = resolve_weights_file(weights, CONVNEXT_SMALL_CACHE_FILE, CONVNEXT_WEIGHTS_KEY, download)
         self.net = torchvision.models.convnext_small(weights=None)
         if weights_file is not None:
             self.net.load_state_dict(_load_state_dict(weights_file), strict=True)

@@ -8,6 +8,8 @@ from tokenizers_vis.metrics.fid import (
     StreamingFID,
     frechet_distance,
 )
+from tokenizers_vis.metrics.fvd import I3D_WEIGHTS_FILE, I3DFeatures, StreamingFVD
+from tokenizers_vis.metrics.video import VideoReconstructionMetrics, temporal_error
 from tokenizers_vis.metrics.image import per_frame, psnr_per_image, quantize, ssim_per_image, to_uint8
 from tokenizers_vis.metrics.perceptual import VGG16_WEIGHTS_FILE, LPIPSMetric, build_lpips_vgg
 from tokenizers_vis.metrics.reconstruction import METRIC_KEYS, ReconstructionMetrics
@@ -16,6 +18,11 @@ from tokenizers_vis.nn.weights import MissingWeightsError, find_weights
 __all__ = [
     "CodebookUsage",
     "FeatureStats",
+    "I3DFeatures",
+    "I3D_WEIGHTS_FILE",
+    "StreamingFVD",
+    "VideoReconstructionMetrics",
+    "temporal_error",
     "INCEPTION_WEIGHTS_FILE",
     "InceptionFeatures",
     "LPIPSMetric",

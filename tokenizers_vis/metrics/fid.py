@@ -29,6 +29,7 @@ from tokenizers_vis.nn.weights import find_weights
 
 __all__ = [
     "INCEPTION_WEIGHTS_FILE",
+    "INCEPTION_WEIGHTS_URL",
     "FeatureStats",
     "frechet_distance",
     "InceptionFeatures",
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 # file (same sha256 prefix) as "weights-inception-...", so both names are accepted.
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 _INCEPTION_WEIGHTS_FILES = (INCEPTION_WEIGHTS_FILE, "weights-inception-2015-12-05-6726825d.pth")
+# Where torch-fidelity fetches them (its URL_INCEPTION_V3): a fetch lands in the torch hub cache
+# under torch-fidelity's own name, so either library finds the other's copy.
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 
 
 class FeatureStats:
@@ -181,22 +187,25 @@ class InceptionFeatures(FrozenModule):
     """2048-d pool3 features of the TF-FID Inception-v3, exactly as torch-fidelity computes them.
 
     Wraps torch-fidelity's ``FeatureExtractorInceptionV3`` (its weights and its TF1-style
-    bilinear resize to 299), loading the weights from ``weights_path`` or the torch hub cache;
-    never downloads. Input: (B, 3, H, W) uint8, or float in [0, 1] (quantised to uint8 first).
+    bilinear resize to 299), loading the weights from ``weights_path`` or the torch hub cache,
+    where they are fetched from torch-fidelity's URL (checksum checked) when missing, unless
+    ``download`` is False or HF_HUB_OFFLINE is set. Input: (B, 3, H, W) uint8, or float in [0, 1]
+    (quantised to uint8 first).
 
     Raises:
-        MissingWeightsError: the weights file is not found; the message says where to put it
-            and names the option ``inception_weights=PATH``.
+        MissingWeightsError: the weights file is not found (nor fetched); the message says where
+            to put it and names the option ``inception_weights=PATH``.
     """
 
     num_features = 2048
 
-    def __init__(self, weights_path: str | os.PathLike | None = None):
+    def __init__(self, weights_path: str | os.PathLike | None = None, download: bool = True):
         super().__init__()
         # Imported here: torch-fidelity is only needed when real Inception features are used.
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        path = find_weights(weights_path, _INCEPTION_WEIGHTS_FILES, "inception_weights", "FID Inception-v3 weights")
+        path = find_weights(weights_path, _INCEPTION_WEIGHTS_FILES, "inception_weights", "FID Inception-v3 weights",
+                            url=INCEPTION_WEIGHTS_URL, download=download)
         self.net = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
         )
@@ -217,8 +226,10 @@ class StreamingFID:
     ``compute()`` sums the statistics over ranks first, so it is a collective under DDP.
     """
 
-    def __init__(self, feature_extractor: nn.Module | None = None, weights_path: str | os.PathLike | None = None):
-        self.extractor = feature_extractor if feature_extractor is not None else InceptionFeatures(weights_path)
+    def __init__(self, feature_extractor: nn.Module | None = None, weights_path: str | os.PathLike | None = None,
+                 download: bool = True):
+        self.extractor = feature_extractor if feature_extractor is not None else InceptionFeatures(weights_path,
+                                                                                                   download)
         self.extractor.eval().requires_grad_(False)
         dim = getattr(self.extractor, "num_features", None)
         self._dim = dim if isinstance(dim, int) else None

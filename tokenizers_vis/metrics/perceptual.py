@@ -1,8 +1,9 @@
-"""LPIPS-VGG as an evaluation metric, with offline loading of the VGG backbone.
+"""LPIPS-VGG as an evaluation metric, with the VGG backbone found or fetched by nn/weights.
 
-The lpips package ships its calibrated linear heads, but fetches the ImageNet VGG16 trunk
-through torchvision (a download). We build the trunk randomly initialised and fill it from a
-local ``vgg16-397923af.pth`` (torchvision's file) instead, so nothing is ever downloaded.
+The lpips package ships its calibrated linear heads and takes the ImageNet VGG16 trunk from
+torchvision. We build the trunk randomly initialised and fill it from ``vgg16-397923af.pth``
+(torchvision's file): a given path, or the torch hub cache, where it is fetched from torchvision's
+URL (checksum checked) when missing unless downloads are off (``download=False``, HF_HUB_OFFLINE).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from tokenizers_vis.nn.weights import find_weights, read_state_file
 __all__ = ["VGG16_WEIGHTS_FILE", "build_lpips_vgg", "LPIPSMetric"]
 
 VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"
+# torchvision's VGG16_Weights.IMAGENET1K_V1.url: what lpips (through torchvision) fetches.
+VGG16_WEIGHTS_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
 def build_lpips_vgg(
     weights_path: str | os.PathLike | None = None,
     random_backbone: bool = False,
     option: str = "lpips_weights",
+    download: bool = True,
 ) -> lpips.LPIPS:
     """An ``lpips.LPIPS(net="vgg")`` with its trunk loaded offline, frozen, in eval mode.
 
@@ -34,11 +38,13 @@ def build_lpips_vgg(
             torch hub cache.
         random_backbone: keep the trunk randomly initialised (tests; values are meaningless).
         option: config option named in the error when the weights are missing.
+        download: fetch a missing file into the torch hub cache (off as well under HF_HUB_OFFLINE).
 
     Raises:
-        MissingWeightsError: the VGG16 file is missing and ``random_backbone`` is False.
+        MissingWeightsError: the VGG16 file is missing (and not fetched) and ``random_backbone`` is False.
     """
-    path = None if random_backbone else find_weights(weights_path, VGG16_WEIGHTS_FILE, option, "LPIPS VGG16 backbone")
+    path = None if random_backbone else find_weights(weights_path, VGG16_WEIGHTS_FILE, option, "LPIPS VGG16 backbone",
+                                                     url=VGG16_WEIGHTS_URL, download=download)
     with warnings.catch_warnings():
         # lpips passes torchvision's deprecated `pretrained=False`; harmless here.
         warnings.simplefilter("ignore", UserWarning)
@@ -60,9 +66,10 @@ class LPIPSMetric(FrozenModule):
     trains, so it stays in eval mode (dropout in the linear heads off).
     """
 
-    def __init__(self, weights_path: str | os.PathLike | None = None, random_backbone: bool = False):
+    def __init__(self, weights_path: str | os.PathLike | None = None, random_backbone: bool = False,
+                 download: bool = True):
         super().__init__()
-        self.lpips = build_lpips_vgg(weights_path, random_backbone)
+        self.lpips = build_lpips_vgg(weights_path, random_backbone, download=download)
         self._freeze()
 
     @torch.no_grad()

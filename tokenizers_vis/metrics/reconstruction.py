@@ -62,6 +62,7 @@ class ReconstructionMetrics:
         fid: True for TF-FID Inception, False to skip, or a feature extractor module (tests).
         lpips: compute LPIPS-VGG.
         inception_weights, lpips_weights: weight files (or folders); None looks in the torch hub cache.
+        download: fetch weights missing from the torch hub cache (off as well under HF_HUB_OFFLINE).
         lpips_random_backbone: random VGG trunk (tests only; values are meaningless).
         strict_fid, strict_lpips: raise MissingWeightsError at construction instead of
             reporting None with a warning when the weights are missing.
@@ -77,13 +78,14 @@ class ReconstructionMetrics:
         lpips_random_backbone: bool = False,
         strict_fid: bool = False,
         strict_lpips: bool = False,
+        download: bool = True,
     ):
         self.fid: StreamingFID | None = None
         if isinstance(fid, nn.Module):
             self.fid = StreamingFID(feature_extractor=fid)
         elif fid:
             try:
-                self.fid = StreamingFID(weights_path=inception_weights)
+                self.fid = StreamingFID(weights_path=inception_weights, download=download)
             except MissingWeightsError as err:
                 if strict_fid:
                     raise
@@ -92,7 +94,7 @@ class ReconstructionMetrics:
         self.lpips: LPIPSMetric | None = None
         if lpips:
             try:
-                self.lpips = LPIPSMetric(lpips_weights, random_backbone=lpips_random_backbone)
+                self.lpips = LPIPSMetric(lpips_weights, random_backbone=lpips_random_backbone, download=download)
             except MissingWeightsError as err:
                 if strict_lpips:
                     raise

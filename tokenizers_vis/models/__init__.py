@@ -14,8 +14,20 @@ __all__ += ["FlexTok"]
 from tokenizers_vis.models.tokenflow import TokenFlow  # noqa: E402  (registers "tokenflow")
 
 __all__ += ["TokenFlow"]
+from tokenizers_vis.models.layton import Layton  # noqa: E402  (registers "layton")
+
+__all__ += ["Layton"]
 
 # The released layouts (each registers its official format; vqgan.py registers the MaskGIT-VQGAN file).
 import tokenizers_vis.models.flextok_official  # noqa: E402,F401
 import tokenizers_vis.models.titok_official  # noqa: E402,F401
 import tokenizers_vis.models.tokenflow_official  # noqa: E402,F401
+import tokenizers_vis.models.layton_official  # noqa: E402,F401
+from tokenizers_vis.models.seed import SEED  # noqa: E402  (registers "seed")
+
+__all__ += ["SEED"]
+import tokenizers_vis.models.seed_official  # noqa: E402,F401
+from tokenizers_vis.models.divot import Divot  # noqa: E402  (registers "divot")
+
+__all__ += ["Divot"]
+import tokenizers_vis.models.divot_official  # noqa: E402,F401

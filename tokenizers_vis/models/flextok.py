@@ -56,6 +56,34 @@ def flextok_block_kwargs(width: int, heads: int, mlp_ratio: float, attention_sca
     }
 
 
+def size_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) from a side or a pair."""
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2:
+        raise ValueError(f"an image size is a side or (height, width), got {size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+class GridPositions(nn.Module):
+    """Fixed 2-D sin-cos positions (MAE layout, row-major) for every patch grid up to `max_grid`
+    (rows, columns): one table, cropped to each input's grid, as the released FlexTok crops its
+    `posembs` of shape `max_sizes`. Position (i, j) has the same vector on every grid."""
+
+    def __init__(self, max_grid: tuple[int, int], width: int):
+        super().__init__()
+        self.max_grid = (int(max_grid[0]), int(max_grid[1]))
+        side = max(self.max_grid)
+        table = sincos_2d_position_embedding(side, width).reshape(side, side, width)
+        self.register_buffer("table", table[:self.max_grid[0], :self.max_grid[1]].contiguous(), persistent=False)
+
+    def forward(self, rows: int, cols: int) -> torch.Tensor:
+        """(rows * cols, width), row-major."""
+        if rows > self.max_grid[0] or cols > self.max_grid[1]:
+            raise ValueError(f"a {rows}x{cols} patch grid exceeds the largest this FlexTok's position tables "
+                             f"cover, {self.max_grid[0]}x{self.max_grid[1]} (max_image_size)")
+        return self.table[:rows, :cols].reshape(rows * cols, -1)
+
+
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> sinusoidal features of t * time_scale -> MLP.
 
@@ -77,22 +105,36 @@ class TimestepEmbedder(nn.Module):
 
 class FlexTokEncoder(nn.Module):
     def __init__(self, in_channels: int, patch_size: int, grid_size: int, num_registers: int, width: int,
-                 depth: int, heads: int, token_dim: int, block_kwargs: Mapping[str, Any], register_init_std: float):
+                 depth: int, heads: int, token_dim: int, block_kwargs: Mapping[str, Any], register_init_std: float,
+                 max_grid: tuple[int, int] | None = None):
         super().__init__()
+        self.grid_size = grid_size
         self.num_registers = num_registers
         self.patch_embed = PatchEmbed(patch_size, in_channels, width)
-        self.register_buffer("pos_embed", sincos_2d_position_embedding(grid_size, width), persistent=False)
+        self.positions = GridPositions(max_grid or (grid_size, grid_size), width)
         self.registers = nn.Parameter(torch.randn(num_registers, width) * register_init_std)
         self.transformer = Transformer(width, depth, heads, **block_kwargs)
         self.norm = nn.LayerNorm(width, eps=block_kwargs["norm_eps"], elementwise_affine=False)
         self.head = nn.Linear(width, token_dim)
+        # The mask of the default grid; other grids build theirs on use.
         mask = prefix_causal_mask(grid_size**2, num_registers)
         self.register_buffer("mask", mask, persistent=False)
 
+    @property
+    def pos_embed(self) -> torch.Tensor:
+        """The positions of the default (image_size) grid."""
+        return self.positions(self.grid_size, self.grid_size)
+
+    def attention_mask(self, num_patches: int, device) -> torch.Tensor:
+        if num_patches + self.num_registers == self.mask.shape[0]:
+            return self.mask
+        return prefix_causal_mask(num_patches, self.num_registers, device=device)
+
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(latents) + self.pos_embed
+        rows, cols = (side // self.patch_embed.patch_size for side in latents.shape[-2:])
+        x = self.patch_embed(latents) + self.positions(rows, cols)
         x = torch.cat([x, self.registers.expand(x.shape[0], -1, -1)], dim=1)
-        x = self.transformer(x, self.mask)
+        x = self.transformer(x, self.attention_mask(rows * cols, x.device))
         return self.head(self.norm(x[:, -self.num_registers:]))
 
 
@@ -107,16 +149,17 @@ class ModulatedPatchHead(nn.Module):
         # Output order (p q c) per token, the layout of the released head.
         self.proj = nn.Linear(width, patch_size * patch_size * out_channels)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, grid_size: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         shift, scale = self.modulation(F.silu(cond)).chunk(2, dim=-1)
         x = self.proj(self.norm(x) * (1 + scale[:, None]) + shift[:, None])
         p = self.patch_size
-        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=grid_size, w=grid_size, p=p, q=p)
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=rows, w=cols, p=p, q=p)
 
 
 class FlexTokDecoder(nn.Module):
     def __init__(self, in_channels: int, patch_size: int, grid_size: int, num_registers: int, width: int,
-                 depth: int, heads: int, token_dim: int, block_kwargs: Mapping[str, Any], register_init_std: float):
+                 depth: int, heads: int, token_dim: int, block_kwargs: Mapping[str, Any], register_init_std: float,
+                 max_grid: tuple[int, int] | None = None):
         super().__init__()
         self.grid_size = grid_size
         self.num_registers = num_registers
@@ -125,13 +168,23 @@ class FlexTokDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.randn(width) * 0.02)
         self.null_condition = nn.Parameter(torch.randn(width) * 0.02)
         self.patch_embed = PatchEmbed(patch_size, in_channels, width)
-        self.register_buffer("pos_embed", sincos_2d_position_embedding(grid_size, width), persistent=False)
+        self.positions = GridPositions(max_grid or (grid_size, grid_size), width)
         self.time_embed = TimestepEmbedder(width)
         # Two modulation groups: patch tokens (0) and registers (1).
         self.transformer = Transformer(width, depth, heads, modulation_dim=width, modulation_groups=2, **block_kwargs)
         groups = torch.cat([torch.zeros(grid_size**2, dtype=torch.long), torch.ones(num_registers, dtype=torch.long)])
         self.register_buffer("groups", groups, persistent=False)
         self.head = ModulatedPatchHead(width, patch_size, in_channels, block_kwargs["norm_eps"])
+
+    @property
+    def pos_embed(self) -> torch.Tensor:
+        """The positions of the default (image_size) grid."""
+        return self.positions(self.grid_size, self.grid_size)
+
+    def modulation_groups(self, num_patches: int, device) -> torch.Tensor:
+        if num_patches + self.num_registers == self.groups.shape[0]:
+            return self.groups
+        return (torch.arange(num_patches + self.num_registers, device=device) >= num_patches).long()
 
     def condition(self, codes: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """The register tokens from the codes (B, N, token_dim): embedded, + position, positions >= keep[b]
@@ -150,12 +203,13 @@ class FlexTokDecoder(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, registers: torch.Tensor, layer: int | None = None):
         """(velocity, patch-token hidden states after block `layer` or None)."""
-        patches = self.patch_embed(x_t) + self.pos_embed
+        rows, cols = (side // self.patch_embed.patch_size for side in x_t.shape[-2:])
+        patches = self.patch_embed(x_t) + self.positions(rows, cols)
         n = patches.shape[1]
         temb = self.time_embed(t)
         x, hidden = self.transformer.forward_with_layer(torch.cat([patches, registers], dim=1), None, temb,
-                                                        self.groups, layer)
-        velocity = self.head(x[:, :n], temb, self.grid_size)
+                                                        self.modulation_groups(n, x_t.device), layer)
+        velocity = self.head(x[:, :n], temb, rows, cols)
         return velocity, (hidden[:, :n] if hidden is not None else None)
 
 
@@ -213,6 +267,12 @@ class FlexTok(Tokenizer):
         residual and every register learns the same thing (on the demo after 3000 steps: codes of
         registers 1..15 correlated 0.86-0.97 with register 0 across images, k=16 decodes only
         0.3 dB above k=1); at 0.3 they stay apart and that gap was 2.2 dB after 3000 steps.
+    max_image_size: the largest image, a side or (height, width), that the sin-cos position tables
+        cover (None: image_size). Encode and decode take any size within it that is a multiple of
+        VAE downsampling x patch_size: the patch grid follows the input and the tables are cropped
+        to it, as in the released FlexTok (whose `max_sizes` are this size in patches).
+        `image_size` stays the default size of a decode that is given neither noise nor encoded
+        images to follow.
     """
 
     model_type = "flextok"
@@ -247,6 +307,7 @@ class FlexTok(Tokenizer):
         repa_hidden: int = 2048,
         linear_init: str = "xavier",
         register_init_std: float = 0.02,
+        max_image_size: int | Sequence[int] | None = None,
     ):
         super().__init__()
         if nested_dropout not in NESTED_DROPOUT_MODES:
@@ -274,6 +335,12 @@ class FlexTok(Tokenizer):
         if image_size % (downsample * patch_size):
             raise ValueError(f"image_size {image_size} must be divisible by {downsample * patch_size} "
                              f"(VAE downsampling {downsample} x patch_size {patch_size})")
+        self.downsample, self.patch_size = downsample, patch_size
+        self.max_image_size = size_pair(image_size if max_image_size is None else max_image_size)
+        if any(side % (downsample * patch_size) or side < image_size for side in self.max_image_size):
+            raise ValueError(f"max_image_size {self.max_image_size} must be multiples of {downsample * patch_size} "
+                             f"and at least image_size {image_size}")
+        max_grid = tuple(side // (downsample * patch_size) for side in self.max_image_size)
         patch_values = channels * patch_size**2
         if patch_values > decoder_width:
             # The velocity target eps - x0 carries the input noise, which must pass through the decoder.
@@ -292,9 +359,9 @@ class FlexTok(Tokenizer):
         if register_init_std <= 0:
             raise ValueError(f"register_init_std must be > 0, got {register_init_std}")
         self.encoder = FlexTokEncoder(channels, patch_size, grid, num_registers, encoder_width, encoder_depth,
-                                      encoder_heads, token_dim, enc_kwargs, register_init_std)
+                                      encoder_heads, token_dim, enc_kwargs, register_init_std, max_grid)
         self.decoder = FlexTokDecoder(channels, patch_size, grid, num_registers, decoder_width, decoder_depth,
-                                      decoder_heads, token_dim, dec_kwargs, register_init_std)
+                                      decoder_heads, token_dim, dec_kwargs, register_init_std, max_grid)
         self.repa_projector = None
         if repa_layer is not None:
             self.repa_projector = nn.Sequential(nn.Linear(decoder_width, repa_hidden), nn.SiLU(),
@@ -339,6 +406,28 @@ class FlexTok(Tokenizer):
         self.encoder.transformer.gradient_checkpointing = enabled
         self.decoder.transformer.gradient_checkpointing = enabled
 
+    # -- sizes -------------------------------------------------------------------------------------
+    def check_images(self, images: torch.Tensor, patch_size: int | None = None) -> None:
+        """Any size within max_image_size that is a multiple of VAE downsampling x patch_size."""
+        if (isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 3
+                and images.is_floating_point()):
+            self.latent_grid(tuple(images.shape[-2:]))
+            return
+        super().check_images(images, patch_size)  # the shared message for a wrong shape or dtype
+
+    def takes_size(self, height: int, width: int) -> bool:
+        unit, (max_h, max_w) = self.downsample * self.patch_size, self.max_image_size
+        return not (height % unit or width % unit) and 0 < height <= max_h and 0 < width <= max_w
+
+    def latent_grid(self, image_size: int | Sequence[int]) -> tuple[int, int]:
+        """The latent (height, width) of an image size; raises unless FlexTok can take that size."""
+        height, width = size_pair(image_size)
+        if not self.takes_size(height, width):
+            unit, (max_h, max_w) = self.downsample * self.patch_size, self.max_image_size
+            raise ValueError(f"this FlexTok takes images whose sides are multiples of {unit} (VAE downsampling x "
+                             f"patch size) up to {max_h}x{max_w} (max_image_size), got {height}x{width}")
+        return height // self.downsample, width // self.downsample
+
     # -- images <-> latents ------------------------------------------------------------------------
     def to_latents(self, images: torch.Tensor, vae_noise: torch.Tensor | None = None) -> torch.Tensor:
         x = images * 2 - 1
@@ -367,7 +456,8 @@ class FlexTok(Tokenizer):
         self.check_images(images)
         z = self.encoder(self.to_latents(images, vae_noise))
         codes, ids, _ = self.quantize(z)
-        return Encoded(ids=ids, latents=codes)
+        # The size decode returns by default: a reconstruction has its input's size.
+        return Encoded(ids=ids, latents=codes, extras={"image_size": tuple(images.shape[-2:])})
 
     def _ids_and_k(self, encoded: Encoded | torch.Tensor, num_tokens: int | None) -> tuple[torch.Tensor, int]:
         ids = encoded.ids if isinstance(encoded, Encoded) else encoded
@@ -383,12 +473,13 @@ class FlexTok(Tokenizer):
         # Ids past k are never read (the mask token replaces them); pad with id 0 as the official code.
         return F.pad(ids[:, :k], (0, full - k)), k
 
-    def initial_noise(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
-        """x(t=1): one draw of (1, C, h, w) per image, in order (the official order); seeded by
-        `sample_seed` when no generator is given."""
+    def initial_noise(self, batch: int, generator: torch.Generator | None, device,
+                      image_size: int | Sequence[int] | None = None) -> torch.Tensor:
+        """x(t=1) for images of `image_size` (default: image_size): one draw of (1, C, h, w) per image,
+        in order (the official order); seeded by `sample_seed` when no generator is given."""
         if generator is None:
             generator = torch.Generator().manual_seed(self.sample_seed)
-        shape = (1, self.latent_channels, self.latent_size, self.latent_size)
+        shape = (1, self.latent_channels, *self.latent_grid(self.image_size if image_size is None else image_size))
         draws = [torch.randn(shape, generator=generator, device=generator.device) for _ in range(batch)]
         return torch.cat(draws).to(device)
 
@@ -402,17 +493,21 @@ class FlexTok(Tokenizer):
         apg: bool | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        image_size: int | Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Images in [0, 1] (not clamped) from the first `num_tokens` ids (default: all given).
 
         steps / guidance / apg default to the config's sample_steps / guidance_scale / apg; `noise`
-        injects x(t=1) (B, C, h, w); otherwise it is drawn from `generator` (default: seeded).
+        injects x(t=1) (B, C, h, w) and sets the size; otherwise it is drawn from `generator`
+        (default: seeded) at `image_size` (a side or (height, width); default: the size of the
+        encoded images, else the config's image_size).
         """
-        return self.to_images(self.sample_latents(encoded, num_tokens, steps, guidance, apg, noise, generator))
+        return self.to_images(self.sample_latents(encoded, num_tokens, steps, guidance, apg, noise, generator,
+                                                  image_size))
 
     @torch.no_grad()
     def sample_latents(self, encoded, num_tokens=None, steps=None, guidance=None, apg=None, noise=None,
-                       generator=None) -> torch.Tensor:
+                       generator=None, image_size=None) -> torch.Tensor:
         """`decode` without the last step: the flow's output x(t=0) (VAE latents, or [-1, 1] pixels)."""
         ids, k = self._ids_and_k(encoded, num_tokens)
         b, device = ids.shape[0], ids.device
@@ -420,10 +515,13 @@ class FlexTok(Tokenizer):
         guidance = self.guidance_scale if guidance is None else float(guidance)
         apg = self.apg if apg is None else bool(apg)
         if noise is None:
-            noise = self.initial_noise(b, generator, device)
-        expected = (b, self.latent_channels, self.latent_size, self.latent_size)
-        if tuple(noise.shape) != expected:
-            raise ValueError(f"noise must have shape {expected}, got {tuple(noise.shape)}")
+            if image_size is None and isinstance(encoded, Encoded):
+                image_size = encoded.extras.get("image_size")
+            noise = self.initial_noise(b, generator, device, image_size)
+        if (noise.dim() != 4 or tuple(noise.shape[:2]) != (b, self.latent_channels)
+                or not self.takes_size(*(side * self.downsample for side in noise.shape[-2:]))):
+            raise ValueError(f"noise must have shape ({b}, {self.latent_channels}, h, w), (h, w) the latent size of "
+                             f"an image this FlexTok takes (up to {self.max_image_size}), got {tuple(noise.shape)}")
         cond = self.decoder.condition(self.quantize.embed(ids), torch.full((b,), k, device=device))
         return self.flow_decoder().sample(cond, steps, guidance, noise.to(device, cond.dtype), apg=apg)
 
@@ -447,7 +545,7 @@ class FlexTok(Tokenizer):
         b = images.shape[0]
         vae_noise = None
         if self.vae is not None and self.sample_posterior and self.training:
-            shape = (b, self.latent_channels, self.latent_size, self.latent_size)
+            shape = (b, self.latent_channels, *self.latent_grid(tuple(images.shape[-2:])))
             vae_noise = torch.randn(shape, device=images.device)
         x0 = self.to_latents(images, vae_noise)
         codes, ids, _ = self.quantize(self.encoder(x0))

@@ -7,9 +7,15 @@ and/or in the safetensors metadata (one entry per top-level key, a Python-litera
 `load_official(folder)` converts the config (`convert_config`) and the weights (`convert_state_dict`,
 the one mapping below), then loads strictly into our `FlexTok`.
 
-The VAE is rebuilt from `OFFICIAL_VAE_CONFIG` (its weights are in the checkpoint, so nothing is
-downloaded); the keys of the released VAE match it. A config may carry
-`reference_fixture.vae_effective_diffusers_config` (the small test fixture does), which wins.
+Everything comes from the config and the weights, nothing from outside:
+- the VAE is rebuilt as the official `StableDiffusionVAE` builds it (the diffusers AutoencoderKL of
+  `OFFICIAL_VAE_CONFIG`), with the sizes its weights have (block widths, blocks, layers, latent
+  channels; `vae_architecture`); its weights are in the checkpoint, so nothing is downloaded;
+- the sin-cos tables cover the config's `max_sizes` (in patches), so the model takes any image whose
+  patch grid fits in them and crops the tables to each input's grid, as the official code does;
+  `max_image_size` is max_sizes x patch size x VAE downsampling;
+- the default decode size (`image_size`) is the official `detokenize` default, a 32-wide latent
+  (256 px with the f8 VAE), capped to what the tables cover.
 
 Importing this module registers the layout as the official format "flextok" (models/official.py),
 through which `load_tokenizer` reads such folders. There is no writer: our FlexTok is not saved
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,8 +57,8 @@ OFFICIAL_VAE_CONFIG = {
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
 }
-# Keys of diffusers' AutoencoderKL constructor that the fixture's effective config may carry.
-_VAE_KEYS = set(OFFICIAL_VAE_CONFIG) | {"scaling_factor", "shift_factor", "latents_mean", "latents_std"}
+# The official `detokenize` default `vae_image_sizes`: the latent side decoded when none is given.
+OFFICIAL_DEFAULT_LATENT_SIZE = 32
 
 ENC, DEC = "encoder.module_dict.", "decoder.module_dict."
 # Official name -> ours, for the tensors that only change name (prefix replacements, first match).
@@ -102,27 +109,84 @@ def read_official_config(directory: str | os.PathLike) -> dict[str, Any] | None:
     return None
 
 
-def _vae_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    effective = (config.get("reference_fixture") or {}).get("vae_effective_diffusers_config")
-    vae = {k: v for k, v in dict(effective or OFFICIAL_VAE_CONFIG).items() if k in _VAE_KEYS}
-    vae["latent_channels"] = int(config["vae"].get("latent_channels", vae["latent_channels"]))
+def vae_architecture(state: Mapping[str, torch.Tensor] | None = None, latent_channels: int | None = None,
+                     override: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The AutoencoderKL arguments of an official VAE: `OFFICIAL_VAE_CONFIG` with the sizes read from
+    its weights (`vae.vae.*` of an official state_dict; None: the released sizes), then `override`.
+
+    The group count of the GroupNorms is the one size the weights do not hold. The official code
+    builds the VAE with 32 groups; where 32 does not divide every block width that cannot be the
+    VAE's, and the largest count up to 32 that divides them is taken. `override` names it (or any
+    other argument) where that is not the one.
+    """
+    vae = dict(OFFICIAL_VAE_CONFIG)
+    prefix = "vae.vae."
+    if state is not None and any(name.startswith(prefix) for name in state):
+        blocks = sorted({int(name[len(prefix + "encoder.down_blocks."):].split(".")[0]) for name in state
+                         if name.startswith(prefix + "encoder.down_blocks.")})
+        widths = [int(state[f"{prefix}encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) for i in blocks]
+        layers = {name.split(".resnets.")[1].split(".")[0] for name in state
+                  if name.startswith(prefix + "encoder.down_blocks.0.resnets.")}
+        groups = 32 if all(w % 32 == 0 for w in widths) else max(
+            g for g in range(1, 33) if math.gcd(*widths) % g == 0)
+        vae.update({
+            "in_channels": int(state[prefix + "encoder.conv_in.weight"].shape[1]),
+            "out_channels": int(state[prefix + "decoder.conv_out.weight"].shape[0]),
+            "down_block_types": ["DownEncoderBlock2D"] * len(blocks),
+            "up_block_types": ["UpDecoderBlock2D"] * len(blocks),
+            "block_out_channels": widths,
+            "layers_per_block": len(layers),
+            "latent_channels": int(state[prefix + "decoder.conv_in.weight"].shape[1]),
+            "norm_num_groups": groups,
+            "use_quant_conv": prefix + "quant_conv.weight" in state,
+            "use_post_quant_conv": prefix + "post_quant_conv.weight" in state,
+            "mid_block_add_attention": any(name.startswith(prefix + "encoder.mid_block.attentions.")
+                                           for name in state),
+        })
+    if latent_channels is not None:
+        if state is not None and vae["latent_channels"] != latent_channels:
+            raise ValueError(f"the config's vae.latent_channels {latent_channels} differs from the VAE weights' "
+                             f"{vae['latent_channels']}")
+        vae["latent_channels"] = int(latent_channels)
+    vae.update(override or {})
     return vae
 
 
-def convert_config(config: Mapping[str, Any], image_size: int | None = None) -> dict[str, Any]:
-    """Our FlexTok keyword arguments for an official `_target_` config."""
+def convert_config(config: Mapping[str, Any], image_size: int | None = None, *,
+                   state: Mapping[str, torch.Tensor] | None = None,
+                   vae_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Our FlexTok keyword arguments for an official `_target_` config.
+
+    state: the official state_dict, which sizes the VAE (`vae_architecture`; None: the released VAE).
+    image_size: the default decode size; None: the official default (see the module docstring).
+    vae_config: AutoencoderKL arguments that win over those read from the weights.
+    """
     enc, dec = config["encoder"]["module_dict"], config["decoder"]["module_dict"]
     enc_t, dec_t = enc["enc_transformer"], dec["dec_transformer"]
-    if image_size is None:
-        image_size = int((config.get("reference_fixture") or {}).get("image_size", 256))
     time = dec["dec_time_embedder"]
     if float(time.get("max_timestep", 1.0)) != 1.0 or int(time.get("frequency_embedding_size", 256)) != 256:
         raise ValueError("only the released time embedding (max_timestep 1.0, 256 frequencies) is supported")
+    # The official wrapper takes the config's scaling, else that of the VAE at hf_hub_path, which
+    # the checkpoint does not hold: then it must be named (vae_config={"scaling_factor": ...}).
+    scaling = config["vae"].get("scaling_factor") or (vae_config or {}).get("scaling_factor")
+    if scaling is None:
+        raise ValueError(f"the official config gives no vae.scaling_factor (its VAE: hf_hub_path="
+                         f"{config['vae'].get('hf_hub_path')!r}); pass vae_config={{'scaling_factor': ...}}")
+    vae = vae_architecture(state, config["vae"].get("latent_channels"), vae_config)
+    patch = int(enc["enc_patch_emb"]["patch_sizes"][0])
+    max_sizes = [int(side) for side in enc["enc_posemb_module"]["max_sizes"]]
+    if [int(side) for side in dec["dec_patches_posemb_module"]["max_sizes"]] != max_sizes:
+        raise ValueError("the encoder's and decoder's sin-cos max_sizes differ; one FlexTok size range takes both")
+    downsample = 2 ** (len(vae["block_out_channels"]) - 1)
+    max_latent = [side * patch for side in max_sizes]
+    if image_size is None:
+        latent = min(OFFICIAL_DEFAULT_LATENT_SIZE // patch * patch, *max_latent)
+        image_size = latent * downsample
     return {
-        "image_size": image_size,
-        "vae": {"pretrained": None, "config": _vae_config(config),
-                "scaling_factor": float(config["vae"]["scaling_factor"])},
-        "patch_size": int(enc["enc_patch_emb"]["patch_sizes"][0]),
+        "image_size": int(image_size),
+        "max_image_size": [side * downsample for side in max_latent],
+        "vae": {"pretrained": None, "config": vae, "scaling_factor": float(scaling)},
+        "patch_size": patch,
         "num_registers": int(enc["enc_register_module"]["n_max"]),
         "encoder_width": int(enc_t["dim"]),
         "encoder_depth": int(enc_t["depth"]),
@@ -184,8 +248,10 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], channels: int) -> dict
 
 
 def load_official(directory: str | os.PathLike, config: Mapping[str, Any] | None = None,
-                  image_size: int | None = None) -> FlexTok:
-    """Our FlexTok, in eval mode, from a released FlexTok folder (or one in its layout)."""
+                  image_size: int | None = None, vae_config: Mapping[str, Any] | None = None) -> FlexTok:
+    """Our FlexTok, in eval mode, from a released FlexTok folder (or one in its layout), built from its
+    config and weights alone. image_size: the default decode size (None: the official default);
+    vae_config: AutoencoderKL arguments that win over those read from the weights (`vae_architecture`)."""
     directory = Path(directory)
     config = config or read_official_config(directory)
     if config is None:
@@ -196,17 +262,17 @@ def load_official(directory: str | os.PathLike, config: Mapping[str, Any] | None
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(read_state_file(file))
-    kwargs = convert_config(config, image_size)
+    kwargs = convert_config(config, image_size, state=state, vae_config=vae_config)
     model = FlexTok(**kwargs)
     converted = convert_state_dict(state, model.latent_channels)
     for part in ("encoder", "decoder"):
         official = converted.pop(f"_sincos.{part}", None)
         if official is not None:
-            ours = getattr(model, part).pos_embed
-            grid = int(ours.shape[0] ** 0.5)
-            cropped = official[0, :, :grid, :grid].flatten(1).t()
-            if not torch.allclose(cropped, ours, atol=1e-5):
-                raise ValueError(f"the official {part} sin-cos position embedding differs from ours")
+            ours = getattr(model, part).positions.table  # (rows, cols, D) over max_sizes
+            table = official[0].permute(1, 2, 0)
+            if table.shape != ours.shape or not torch.allclose(table, ours, atol=1e-5):
+                raise ValueError(f"the official {part} sin-cos position table {tuple(official.shape)} differs from "
+                                 f"ours, built for the config's max_sizes {list(ours.shape[:2])}")
     model.load_state_dict(converted, strict=True)
     return model.eval()
 

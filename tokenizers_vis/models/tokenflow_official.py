@@ -208,7 +208,15 @@ def official_state_dict(model: TokenFlow) -> dict[str, torch.Tensor]:
 
 
 def is_official_tokenflow_folder(directory: str | os.PathLike) -> bool:
-    return (Path(directory) / ARGS_NAME).is_file()
+    path = Path(directory) / ARGS_NAME
+    if not path.is_file():
+        return False
+    # LaCTok's release folder holds an official_args.json too; TokenFlow's names its teacher.
+    try:
+        return "teacher" in json.loads(path.read_text())
+    except ValueError:
+        return True  # unreadable: the TokenFlow loader reports it
+
 
 
 def load_official_tokenflow(directory: str | os.PathLike, weights: str | None = None) -> TokenFlow:

@@ -6,10 +6,14 @@ stage-1 TiTok learns to predict them, and its decoder and codebook become TiTok'
 and `pixel_quantize`. Pixels are [0, 1] in and out, as that model works (no [-1, 1] remap).
 
 Teachers are read by `load_vqgan`: one of our checkpoints, folders or Hub ids (`load_tokenizer`),
-or a state-dict file in the official MaskGIT-VQGAN layout (the `maskgit-vqgan-imagenet-f16-256.bin`
-that TiTok's training uses), registered as the official format "maskgit_vqgan" (models/official.py),
-so `load_tokenizer` reads such a file too. That layout names every weight as this module does, so
-the key mapping is the identity:
+or the official MaskGIT-VQGAN layout, registered as the official format "maskgit_vqgan"
+(models/official.py) so that `load_tokenizer` reads it too, in two forms:
+- a state-dict file (the `maskgit-vqgan-imagenet-f16-256.bin` that TiTok's training uses), sizes
+  read from its tensors;
+- a folder holding that file under its released name and, for sizes other than the release's,
+  `official_args.json`: {"config": the official model config (hidden_channels, channel_mult,
+  num_resolutions, num_res_blocks, z_channels, resolution, ...), "num_embeddings": N}.
+That layout names every weight as this module does, so the key mapping is the identity:
 
     official / ours                                   what
     encoder.conv_in.weight                            bias-free 3x3 conv from RGB
@@ -21,12 +25,13 @@ the key mapping is the identity:
     decoder.conv_in / mid.{j} / up.{i}.block.{j} /    the MaskGIT decoder (nn.cnn.ConvDecoder)
         up.{i}.upsample_conv / norm_out / conv_out
 
-The sizes are read from the tensors (`config_from_maskgit_state`), so any model in that layout
-loads, and the strict load catches whatever the shapes did not describe.
+Without `official_args.json` the sizes are read from the tensors (`config_from_maskgit_state`), so
+any model in that layout loads, and the strict load catches whatever the shapes did not describe.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,7 +43,7 @@ from tokenizers_vis.models.base import Encoded, ModelOutput, Tokenizer, register
 from tokenizers_vis.models.loading import load_tokenizer
 from tokenizers_vis.models.official import OfficialFormat, find_official_format, register_official_format
 from tokenizers_vis.nn.cnn import ConvDecoder, ConvEncoder
-from tokenizers_vis.nn.quantizers import VectorQuantizer
+from tokenizers_vis.nn.quantizers import VectorQuantizer, squared_distances
 from tokenizers_vis.nn.weights import read_state_file
 
 # The resolution the official MaskGIT-VQGAN was trained at; its state dict does not record it.
@@ -117,6 +122,16 @@ class VQGAN(Tokenizer):
         """The codes of `images` as a (B, grid, grid) map: the targets of TiTok's proxy-code stage."""
         ids = self.encode(images).ids
         return ids.reshape(ids.shape[0], self.grid_size, self.grid_size)
+
+    def soft_codes(self, images: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """(B, grid * grid, codebook_size): softmax over codes of -squared distance / temperature
+        (the official VectorQuantizer's `get_soft_code`; argmax gives `encode(images).ids`)."""
+        self.check_images(images, self.downsampling)
+        z = self.encoder(images).float()
+        b, c, h, w = z.shape
+        z = z.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        distances = squared_distances(z, self.quantize.codebook())
+        return torch.softmax(-distances / temperature, dim=1).reshape(b, h * w, -1)
 
     def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         self.check_ids(ids, self.num_tokens)
@@ -200,38 +215,94 @@ def save_maskgit_vqgan(vqgan: VQGAN, path: str | os.PathLike) -> Path:
 
 # The suffixes of a single state-dict file; Lightning checkpoints (.ckpt) are ours, not this layout.
 MASKGIT_FILE_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
+# The released file's name, which marks a folder in this layout, and the folder's optional sizes.
+MASKGIT_RELEASED_NAME = "maskgit-vqgan-imagenet-f16-256.bin"
+MASKGIT_ARGS_NAME = "official_args.json"
+# Official config keys that change nothing here: dropout is off at inference, and the model is RGB.
+_MASKGIT_FIXED = {"dropout": 0.0, "num_channels": 3}
 
 
 def is_maskgit_vqgan_file(path: str | os.PathLike) -> bool:
-    """True for a single state-dict file: the official MaskGIT-VQGAN ships as one (a folder never is).
-    Only the suffix is checked; `load_maskgit_vqgan` says clearly when the content is not that layout."""
+    """True for a single state-dict file. Only the suffix is checked; `load_maskgit_vqgan` says
+    clearly when the content is not that layout."""
     path = Path(path)
     return path.is_file() and path.suffix in MASKGIT_FILE_SUFFIXES
 
 
-def load_maskgit_vqgan(path: str | os.PathLike, image_size: int = MASKGIT_IMAGE_SIZE) -> VQGAN:
+def is_maskgit_vqgan(path: str | os.PathLike) -> bool:
+    """A state-dict file, or a folder holding the released file under its name."""
+    path = Path(path)
+    return is_maskgit_vqgan_file(path) or (path.is_dir() and (path / MASKGIT_RELEASED_NAME).is_file())
+
+
+def config_from_maskgit_args(args: Mapping) -> dict:
+    """Our `VQGAN` config for an `official_args.json`: {"config": official keys, "num_embeddings": N}."""
+    config = args.get("config")
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{MASKGIT_ARGS_NAME} needs a 'config' mapping (the official model config)")
+    needed = ("hidden_channels", "channel_mult", "num_res_blocks", "z_channels", "resolution")
+    absent = [key for key in needed if key not in config] + (["num_embeddings"] if "num_embeddings" not in args else [])
+    if absent:
+        raise ValueError(f"{MASKGIT_ARGS_NAME} lacks {absent}")
+    mult = list(config["channel_mult"])
+    if config.get("num_resolutions", len(mult)) != len(mult):
+        raise ValueError(f"{MASKGIT_ARGS_NAME}: num_resolutions {config['num_resolutions']} is not "
+                         f"len(channel_mult) = {len(mult)}")
+    for key, value in _MASKGIT_FIXED.items():
+        if config.get(key, value) != value:
+            raise ValueError(f"{MASKGIT_ARGS_NAME}: {key}={config[key]} is not supported (only {value})")
+    return {
+        "image_size": int(config["resolution"]),
+        "base_channels": int(config["hidden_channels"]),
+        "channel_mult": mult,
+        "num_res_blocks": int(config["num_res_blocks"]),
+        "z_channels": int(config["z_channels"]),
+        "codebook_size": int(args["num_embeddings"]),
+        "norm_groups": MASKGIT_NORM_GROUPS,
+    }
+
+
+def load_maskgit_vqgan(path: str | os.PathLike, image_size: int | None = None) -> VQGAN:
     """Our VQGAN, in eval mode, from an official MaskGIT-VQGAN state-dict file (bare or under
-    `state_dict` / `model`)."""
-    return vqgan_from_maskgit_state(read_state_file(path, what="MaskGIT-VQGAN state dict"), image_size)
+    `state_dict` / `model`) or a folder in that layout (see the module docstring).
+
+    image_size: the images to accept; default the folder's `official_args.json` resolution, else 256
+    (the state dict does not record it). A value that contradicts `official_args.json` is an error."""
+    path = Path(path)
+    weights = path / MASKGIT_RELEASED_NAME if path.is_dir() else path
+    state = read_state_file(weights, what="MaskGIT-VQGAN state dict")
+    args_path = path / MASKGIT_ARGS_NAME
+    if not path.is_dir() or not args_path.is_file():
+        return vqgan_from_maskgit_state(state, image_size or MASKGIT_IMAGE_SIZE)
+    config = config_from_maskgit_args(json.loads(args_path.read_text()))
+    if image_size is not None and image_size != config["image_size"]:
+        raise ValueError(f"{args_path} describes {config['image_size']} px images, not {image_size} px")
+    vqgan = VQGAN(**config)
+    try:
+        vqgan.load_state_dict(dict(state), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights} does not match the model {args_path} describes ({config}): {err}") from err
+    return vqgan.eval()
 
 
 MASKGIT_FORMAT = register_official_format(OfficialFormat(
-    name="maskgit_vqgan", recognise=is_maskgit_vqgan_file, load=load_maskgit_vqgan, save=save_maskgit_vqgan,
+    name="maskgit_vqgan", recognise=is_maskgit_vqgan, load=load_maskgit_vqgan, save=save_maskgit_vqgan,
 ))
 
 
 def load_vqgan(source: str | os.PathLike, image_size: int | None = None) -> VQGAN:
     """A VQGAN in eval mode from any of the places a teacher may come from.
 
-    source: a file in the official MaskGIT-VQGAN layout (`MASKGIT_FILE_SUFFIXES`), or one of
-        our `.ckpt` checkpoints (EMA weights), saved folders or Hub ids (see `models.loading.load_tokenizer`).
-    image_size: for official files, the image size to accept (default 256, the official one); our
-        formats record theirs, and a different value here is an error.
+    source: a file or folder in the official MaskGIT-VQGAN layout (`MASKGIT_FILE_SUFFIXES`, or a folder
+        holding `MASKGIT_RELEASED_NAME`), or one of our `.ckpt` checkpoints (EMA weights), saved
+        folders or Hub ids (see `models.loading.load_tokenizer`).
+    image_size: for official files, the image size to accept (default 256, the official one, or the
+        folder's `official_args.json`); our formats record theirs, and a different value here is an error.
     """
     path = Path(source)
     if path.exists() and find_official_format(path) is MASKGIT_FORMAT:
         # The official state dict does not record the image size: it is an option of the converter.
-        return MASKGIT_FORMAT.load(path, image_size=image_size or MASKGIT_IMAGE_SIZE)
+        return MASKGIT_FORMAT.load(path, image_size=image_size)
     tokenizer = load_tokenizer(source)
     if not isinstance(tokenizer, VQGAN):
         raise ValueError(f"{source} holds a {tokenizer.model_type!r} tokenizer, not a VQGAN")

@@ -121,25 +121,34 @@ class VectorQuantizer(Quantizer):
 
     @torch.no_grad()
     def _restart_dead_codes(self, z: torch.Tensor, ids: torch.Tensor) -> None:
-        finite = torch.isfinite(z).all().float()
+        # Every update is masked on the device (no branch on data, no count read back): the step never
+        # waits for the device and the forward compiles as one graph. A non-finite batch changes
+        # nothing (the trainer skips that step; its values must never reach the codebook).
+        finite = torch.isfinite(z).all()
         if _distributed():
+            finite = finite.float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite:
-            return  # a non-finite step is skipped by the trainer; never copy its values into the codebook
-        hits = torch.bincount(ids, minlength=self.codebook_size).float()
+            finite = finite > 0
+        # Unweighted hit counts as exact integers in float32 (what bincount gave), without bincount's
+        # read of the largest id.
+        hits = torch.zeros(self.codebook_size, device=z.device)
+        hits.scatter_add_(0, ids, torch.ones_like(ids, dtype=hits.dtype))
         if _distributed():
             dist.all_reduce(hits)
             hits /= dist.get_world_size()
-        self.usage.mul_(self.usage_decay).add_(hits, alpha=1 - self.usage_decay)
-        dead = self.usage < self.dead_code_threshold
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return
-        picks = torch.randint(0, z.shape[0], (num_dead,), device=z.device)
-        self.embedding.weight.data[dead] = z[picks].to(self.embedding.weight.dtype)
-        self.usage[dead] = self.dead_code_threshold * 2
+        updated = self.usage.mul(self.usage_decay).add(hits, alpha=1 - self.usage_decay)
+        self.usage.copy_(torch.where(finite, updated, self.usage))
+        dead = (self.usage < self.dead_code_threshold) & finite
+        # One draw per code (the count of dead codes is not known on the host); the j-th dead code takes
+        # the j-th draw, the encoder output the former `randint(0, N, (num_dead,))` gave it.
+        picks = torch.randint(0, z.shape[0], (self.codebook_size,), device=z.device)
+        rank = (dead.long().cumsum(0) - 1).clamp(min=0)
+        weight = self.embedding.weight
+        restarted = torch.where(dead[:, None], z[picks[rank]].to(weight.dtype), weight)
+        weight.data.copy_(restarted)  # .data: autograd saved the codebook for this step's backward
+        self.usage.copy_(torch.where(dead, torch.full_like(self.usage, self.dead_code_threshold * 2), self.usage))
         if _distributed():
-            dist.broadcast(self.embedding.weight.data, src=0)
+            dist.broadcast(weight.data, src=0)
 
 
 class DiagonalGaussian(Quantizer):
@@ -329,7 +338,8 @@ class MultiScaleResidualQuantizer(nn.Module):
     (h, w), aux with every loss and statistic averaged over the quantized scales).
 
     In training, with probability drop_scale_prob one scale other than the first is skipped
-    (its ids are -1). The draws use torch's global RNG, so the framework's seeding covers them.
+    (its ids are -1). The draws use torch's global RNG (on the input's device), so the framework's
+    seeding covers them.
     """
 
     def __init__(self, quantizer: Quantizer, scales: Sequence[int], drop_scale_prob: float = 0.0):
@@ -353,12 +363,15 @@ class MultiScaleResidualQuantizer(nn.Module):
             return x
         return F.interpolate(x, size=(self.grid, self.grid), mode="bicubic", align_corners=False)
 
-    def _dropped_scale(self) -> int | None:
+    def _dropped_scale(self, device: torch.device) -> torch.Tensor | None:
+        """The index of the scale to skip as a 0-d device tensor (-1: none), or None when no scale can
+        be dropped. Both draws are made every time, so no host read decides anything; a drop picks
+        the scale the former `rand().item()`-then-`randint` draws picked."""
         if not (self.training and self.drop_scale_prob > 0 and len(self.scales) > 1):
             return None
-        if torch.rand(()).item() >= self.drop_scale_prob:
-            return None
-        return int(torch.randint(1, len(self.scales), ()).item())
+        drop = torch.rand((), device=device) < self.drop_scale_prob
+        which = torch.randint(1, len(self.scales), (), device=device)
+        return torch.where(drop, which, -1)
 
     def split_ids(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """(B, L) ids, L a prefix length, -> one (B, s, s) block per scale present."""
@@ -376,23 +389,33 @@ class MultiScaleResidualQuantizer(nn.Module):
         with float32():
             residual = h.float()
             total = torch.zeros_like(residual)
-            dropped = self._dropped_scale()
-            ids, terms = [], {}
+            dropped = self._dropped_scale(h.device)
+            ids, terms, kept = [], {}, []
             for k, s in enumerate(self.scales):
-                if k == dropped:
-                    ids.append(torch.full((h.shape[0], s * s), -1, dtype=torch.long, device=h.device))
-                    continue
                 x = residual if s == self.grid else F.interpolate(residual, size=(s, s), mode="area")
                 z_q, ids_s, aux_s = self.quantizer(x.permute(0, 2, 3, 1))
                 up = self._upsample(z_q.permute(0, 3, 1, 2))
+                ids_s = ids_s.reshape(h.shape[0], s * s).long()
+                if dropped is not None:
+                    # The dropped scale is computed and masked out (no branch on the draw): it adds
+                    # nothing, leaves the residual as it was, and its ids are -1.
+                    keep = dropped != k
+                    up = torch.where(keep, up, 0.0)
+                    ids_s = torch.where(keep, ids_s, -1)
+                    kept.append(keep)
                 total = total + up
                 # The residual is the target of the next scale, not a path for gradients: as in the
                 # official loop, later scales' losses must not reach back through this one's codes.
                 residual = residual - up.detach()
-                ids.append(ids_s.reshape(h.shape[0], s * s).long())
+                ids.append(ids_s)
                 for name, value in aux_s.items():
                     terms.setdefault(name, []).append(value)
-            aux = {name: torch.stack(values).mean() for name, values in terms.items()}
+            if dropped is None:
+                aux = {name: torch.stack(values).mean() for name, values in terms.items()}
+            else:  # the mean over the quantized scales
+                weights = torch.stack(kept).float()
+                aux = {name: (torch.stack(values) * weights).sum() / weights.sum()
+                       for name, values in terms.items()}
             return total, torch.cat(ids, dim=1), aux
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

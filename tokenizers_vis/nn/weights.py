@@ -1,9 +1,14 @@
-"""Weight files, offline: finding them, reading them, and the one error for missing ones.
+"""Weight files: finding them, fetching the standard ones, reading them, and the one error for
+missing ones.
 
-Frozen helper networks (Inception for FID, VGG for LPIPS, teachers, VAEs) are never downloaded
-by this package at run time: their weights come from a path given in the config, the torch hub
-cache or the Hugging Face cache, and a missing file is a `MissingWeightsError` that says which
-file, where to put it and which option points at it.
+Frozen helper networks (Inception for FID, VGG for LPIPS, teachers, VAEs) come from a path given
+in the config, the torch hub cache or the Hugging Face cache. The standard metric and loss
+weights that torch-fidelity, lpips and torchvision fetch on first use (`find_weights(url=...)`)
+are fetched the same way when the network is allowed: torch.hub's download into the torch hub
+cache, under the file name of the URL, whose hash part must prefix the file's sha256 (a corrupted
+or tampered download is refused). `HF_HUB_OFFLINE=1` or `download=False` keeps everything
+offline. A missing file is a `MissingWeightsError` that says which file, where to put it and which
+option points at it.
 
 `read_state_file` is the one reader of state-dict files (.safetensors, or torch's .bin / .pt /
 .pth), loaded without unpickling code.
@@ -11,14 +16,25 @@ file, where to put it and which option points at it.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import load_file
+from torch.hub import HASH_REGEX, download_url_to_file
 
-__all__ = ["MissingWeightsError", "find_weights", "hub_checkpoint_dir", "read_state_file"]
+__all__ = ["MissingWeightsError", "downloads_allowed", "fetch_weights", "find_weights", "hub_checkpoint_dir",
+           "read_state_file"]
+
+log = logging.getLogger(__name__)
+
+# The values huggingface_hub reads as true in HF_HUB_OFFLINE.
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -32,21 +48,73 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def downloads_allowed(download: bool = True) -> bool:
+    """Whether standard weights may be fetched: `download` and not HF_HUB_OFFLINE (read at call time)."""
+    return bool(download) and os.environ.get("HF_HUB_OFFLINE", "").strip().upper() not in _TRUE
+
+
+def fetch_weights(url: str, description: str = "pretrained weights", progress: bool = True) -> Path:
+    """Download `url` into the torch hub cache as torch.hub does, and return the file.
+
+    The file keeps the URL's name; the hash part of that name (``name-<hex>.ext``, torch.hub's
+    convention) must prefix the sha256 of what arrived, else the download is deleted and refused.
+    The transfer goes to a temporary name next to the target and is renamed only once checked, so
+    an interrupted or concurrent fetch never leaves a partial file under the real name.
+
+    Raises:
+        MissingWeightsError: the transfer failed or the checksum does not match (the message says why).
+    """
+    name = os.path.basename(urlparse(url).path)
+    match = HASH_REGEX.search(name)
+    if not match or not match.group(1):
+        raise ValueError(f"{url} names no sha256 prefix (name-<hex>.ext), so its download cannot be checked")
+    target = hub_checkpoint_dir() / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{name}.{uuid.uuid4().hex}.download")
+    log.info("downloading %s (%s) to %s", description, url, target)
+    try:
+        try:
+            download_url_to_file(url, str(partial), progress=progress)
+        except Exception as err:  # urllib, ssl and socket errors have no common base
+            raise MissingWeightsError(f"{description}: downloading {url} into {target.parent} failed ({err}).") from err
+        sha256 = hashlib.sha256()
+        with open(partial, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha256.update(chunk)
+        digest = sha256.hexdigest()
+        if not digest.startswith(match.group(1)):
+            raise MissingWeightsError(
+                f"{description}: the download of {url} is corrupted or not the expected file: its sha256 is "
+                f"{digest}, the file name requires the prefix {match.group(1)}. It was deleted; nothing was cached."
+            )
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
 def find_weights(
     path: str | os.PathLike | None,
     filenames: str | Sequence[str],
     option: str,
     description: str = "pretrained weights",
+    url: str | None = None,
+    download: bool = True,
+    download_option: str = "download",
 ) -> Path:
-    """Locate a weight file without downloading anything.
+    """Locate a weight file; fetch it into the torch hub cache when it is a standard one and allowed.
 
     Args:
         path: an explicit file, or a folder holding one of ``filenames``; when given it must
-            exist (a typo should fail loudly, not silently fall back to another file).
+            exist (a typo should fail loudly, not silently fall back to another file, nor fetch one).
         filenames: accepted file names in the torch hub cache, the first being the canonical one
             that error messages name.
         option: the config option users set to point at the file, e.g. ``"inception_weights"``.
         description: what the weights are, for the error message.
+        url: where the library that defines these weights fetches them (the file name is the
+            URL's, with its sha256 prefix); None: never fetched.
+        download: fetch a missing ``url`` file; off as well when HF_HUB_OFFLINE is set.
+        download_option: the config option that turns fetching off, for the error message.
 
     Returns:
         The path of an existing file.
@@ -55,6 +123,8 @@ def find_weights(
         MissingWeightsError: naming the file, the hub cache folder and ``option=PATH``.
     """
     names = [filenames] if isinstance(filenames, str) else list(filenames)
+    if url is not None:
+        names.append(os.path.basename(urlparse(url).path))  # where a fetch puts it
     cache = hub_checkpoint_dir()
     if path is not None:
         given = Path(path).expanduser()
@@ -71,10 +141,20 @@ def find_weights(
     for name in names:
         if (cache / name).is_file():
             return cache / name
+    if url is not None and downloads_allowed(download):
+        try:
+            return fetch_weights(url, description)
+        except MissingWeightsError as err:
+            raise MissingWeightsError(
+                f"{err} Copy {names[0]} into {cache}, or set {option}=PATH to where it is.") from err
+    if url is None:
+        why = "and nothing is downloaded at run time"
+    else:
+        off = f"{download_option}=false" if not download else "HF_HUB_OFFLINE is set"
+        why = f"and downloading is off ({off}); from a machine with network it comes from {url}"
     raise MissingWeightsError(
-        f"{description}: the file {names[0]} was not found in the torch hub cache {cache} and "
-        f"nothing is downloaded at run time. Copy {names[0]} into {cache}, or set {option}=PATH "
-        "to where it is."
+        f"{description}: the file {names[0]} was not found in the torch hub cache {cache} {why}. "
+        f"Copy {names[0]} into {cache}, or set {option}=PATH to where it is."
     )
 
 

@@ -17,7 +17,9 @@ from tokenizers_vis.metrics.grids import reconstruction_grid
 class ReconstructionLogger(L.Callback):
     """Every `every_n_steps` (and at the end of training) reconstructs a fixed set of validation
     images with the EMA weights and writes `<run>/reconstructions/step_<7-digit step>.png`; also logs the
-    grid to wandb when a WandbLogger is active."""
+    grid to wandb when a WandbLogger is active. Video clips (B, T, 3, H, W) give a frame strip (two rows
+    per clip) and also `step_<step>.mp4` (originals above reconstructions), logged to wandb as a video;
+    an image tokenizer given clips reconstructs them frame by frame."""
 
     def __init__(self, every_n_steps: int = 500, num_images: int = 8, dirname: str = "reconstructions"):
         super().__init__()
@@ -54,7 +56,9 @@ class ReconstructionLogger(L.Callback):
         was_training = tokenizer.training
         tokenizer.eval()
         images = images.to(module.device)
-        reconstructions = tokenizer.decode(tokenizer.encode(images)).float()
+        frame_by_frame = images.dim() == 5 and getattr(tokenizer, "input_kind", "image") == "image"
+        inputs = images.flatten(0, 1) if frame_by_frame else images
+        reconstructions = tokenizer.decode(tokenizer.encode(inputs)).float().reshape(images.shape)
         tokenizer.train(was_training)
         grid = reconstruction_grid(images, reconstructions)
         step = int(module.step)
@@ -62,9 +66,22 @@ class ReconstructionLogger(L.Callback):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.last_path = out_dir / f"step_{step:07d}.png"
         save_image(grid, self.last_path)
+        fps = getattr(trainer.datamodule, "fps", None) or 8.0  # the clips' rate when the data says it
+        video_path = self._write_video(images, reconstructions, out_dir / f"step_{step:07d}.mp4", fps)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_image("reconstructions", [grid], step=trainer.global_step)
+                if video_path is not None:
+                    logger.log_video("reconstructions_video", [str(video_path)], step=trainer.global_step)
+
+    @staticmethod
+    def _write_video(images: torch.Tensor, reconstructions: torch.Tensor, path: Path, fps: float) -> Path | None:
+        if images.dim() != 5:
+            return None
+        from tokenizers_vis.data.video import clip_to_frames, write_video
+
+        frames = torch.stack([reconstruction_grid(images[:, t], reconstructions[:, t]) for t in range(images.shape[1])])
+        return write_video(path, clip_to_frames(frames), fps=fps)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and int(module.step) % self.every_n_steps == 0:

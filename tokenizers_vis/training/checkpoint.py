@@ -5,8 +5,9 @@
   never half of one.
 - `TrainingCheckpoint` (the `model_checkpoint` callback): Lightning's ModelCheckpoint (every
   `every_n_train_steps` steps, `last.ckpt`), plus `last.ckpt` when training ends between two
-  intervals, on SIGTERM / SIGUSR1 (cluster preemption: save, then stop with `Preempted`), and
-  after too many non-finite losses (the last good weights, before the error propagates).
+  intervals, on SIGTERM / SIGUSR1 (cluster preemption: save, then stop with `Preempted`; under
+  SLURM with auto-requeue, SIGUSR1 also requeues the job), and after too many non-finite losses
+  (the last good weights, before the error propagates).
 - `find_resume_checkpoint`: what `ckpt_path=last` resumes from.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import zipfile
 from collections.abc import Sequence
@@ -85,6 +87,36 @@ def find_resume_checkpoint(directory: str | Path) -> Path | None:
     return None
 
 
+def requeues_on(trainer: L.Trainer, signum: int) -> bool:
+    """Whether `signum` asks to requeue the job: it is the requeue signal of a SLURM cluster
+    environment with `auto_requeue` (Lightning's SLURMEnvironment, which Lightning picks itself
+    under SLURM with auto_requeue=True, or one given in `trainer.plugins`)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    environment = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+    return (isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+            and int(environment.requeue_signal or signal.SIGUSR1) == int(signum))
+
+
+def requeue_slurm_job() -> bool:
+    """`scontrol requeue` this job (an array job's own task); whether SLURM accepted it."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID", "")
+    if not job.replace("_", "").isdigit():
+        rank_zero_warn(f"cannot requeue: no SLURM job id (SLURM_JOB_ID={job!r})")
+        return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        rank_zero_warn(f"requeueing SLURM job {job} failed: {err}")
+        return False
+    if result.returncode:
+        rank_zero_warn(f"requeueing SLURM job {job} failed ({result.returncode}): {result.stderr.strip()}")
+        return False
+    rank_zero_info(f"requeued SLURM job {job}")
+    return True
+
+
 class Preempted(Exception):
     """Training stopped on a signal (SIGTERM / SIGUSR1) after saving `checkpoint`."""
 
@@ -103,7 +135,10 @@ class TrainingCheckpoint(ModelCheckpoint):
     - on any of `signals` during training: the handler only notes the signal; after the step in
       progress the ranks agree (one all-reduce per step under DDP, so all stop at the same step
       even if only some got the signal), save, and raise `Preempted`, skipping the validation
-      a normal stop would run. `train.py` then exits with 128 + the signal number;
+      a normal stop would run. `train.py` then exits with 128 + the signal number. When the
+      signal is the requeue signal of a SLURM environment with `auto_requeue` (`requeues_on`),
+      rank 0 requeues the job after the save. These handlers replace Lightning's during
+      training (see `on_train_start`), so Lightning neither stops nor saves on its own;
     - when the module raises `NonFiniteLossError`: the weights are still the last good ones.
     Data-loader workers ignore these signals (see `PreemptionShield`), so they cannot die first.
     """
@@ -129,6 +164,13 @@ class TrainingCheckpoint(ModelCheckpoint):
         if threading.current_thread() is threading.main_thread():
             for signum in self.signals:
                 self._previous_handlers[signum] = signal.signal(signum, self._note_signal)
+        # Ours replace Lightning's handlers for the whole of training. Lightning's SIGTERM handler,
+        # set just before, would end training at the next batch with SIGTERMException (exit code
+        # 0, no checkpoint); a SIGTERM it noted since is taken over here instead.
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and connector.received_sigterm:
+            connector.received_sigterm = False
+            self._received = int(signal.SIGTERM)
 
     def _note_signal(self, signum: int, frame: Any) -> None:
         self._received = int(signum)
@@ -162,6 +204,8 @@ class TrainingCheckpoint(ModelCheckpoint):
         if signum:
             path = self._last_path() if saved_last else self.write_last(trainer)
             rank_zero_info(f"{signal.Signals(signum).name}: saved {path} at step {trainer.global_step}; stopping")
+            if trainer.is_global_zero and requeues_on(trainer, signum):
+                requeue_slurm_job()
             raise Preempted(signum, path)
 
     # -- end of training -----------------------------------------------------------------------

@@ -35,6 +35,7 @@ costs no extra memory. Checkpoints hold those once, under `tokenizer.*`, and lis
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable, Sequence
@@ -118,6 +119,9 @@ class TokenizerModule(L.LightningModule):
     max_nonfinite_steps: consecutive non-finite losses tolerated before stopping. A non-finite
         step is skipped (no optimizer or EMA update, buffers as before it) and counted; the
         stop raises `NonFiniteLossError` and the checkpoint callback saves `last.ckpt` first.
+        The skip is done on the device (masked updates; fused optimizers skip in their kernel), so
+        the step reads nothing back: the count is checked every `trainer.log_every_n_steps` steps
+        and at the last step, and training stops at the first check that sees the run.
     init_from: start from these tokenizer weights (a .ckpt of ours -> its EMA weights, a saved
         folder, or a Hub id), e.g. stage 2 from a stage-1 run. Loaded strictly. Unlike
         `ckpt_path` (resume), optimizer state and step counter start fresh. The objective's
@@ -163,7 +167,12 @@ class TokenizerModule(L.LightningModule):
         # Own step counter (every attempted step, skipped ones included) and skip bookkeeping.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
-        self._consecutive_nonfinite = 0
+        # Host mirrors of device state, so the step reads nothing back (see `_host_checks`): the
+        # step counter, the skips already taken out of Lightning's global_step, and (on the
+        # device, not a buffer) the length of the current run of non-finite steps.
+        self._host_step: int | None = None
+        self._skips_seen: int | None = None
+        self._nonfinite_run = torch.zeros((), dtype=torch.long)
         codebook_size = getattr(tokenizer, "codebook_size", None)
         self._code_hist = torch.zeros(codebook_size, dtype=torch.long) if codebook_size else None
         self._val_metrics = None
@@ -178,7 +187,13 @@ class TokenizerModule(L.LightningModule):
             raise ValueError("precision 16-mixed is not supported (one backward for generator and discriminator "
                              "needs one loss scale); use trainer.precision=bf16-mixed or 32")
         if self.hparams.compile:
-            self.tokenizer.compile()
+            # Without a discriminator the objective's forward (the tokenizer's training forward and
+            # the losses) compiles as one graph. The GAN terms break it (they toggle the
+            # discriminator's requires_grad), so with a discriminator only the tokenizer's forward is.
+            if self.objective.discriminator is None:
+                self.objective.compile()
+            else:
+                self.tokenizer.compile()
 
     def configure_optimizers(self):
         weight_decay = getattr(self.hparams.optimizer, "keywords", {}).get("weight_decay", 0.0)
@@ -221,7 +236,9 @@ class TokenizerModule(L.LightningModule):
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         opt_g, opt_d = optimizers[0], (optimizers[1] if len(optimizers) > 1 else None)
-        step = int(self.step)
+        if self._host_step is None:  # once per fit (reset by on_train_start)
+            self._host_step, self._skips_seen = torch.stack([self.step, self.nonfinite_steps]).tolist()
+        step = self._host_step
         self._set_lr([o.optimizer for o in optimizers], step)
         # Buffers the forward updates in place (codebook statistics, LeCam averages): a skipped
         # step must not leave its NaNs in them.
@@ -244,23 +261,33 @@ class TokenizerModule(L.LightningModule):
             opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss)
 
-        if self._all_finite(loss):
-            self._consecutive_nonfinite = 0
+        # A non-finite step is undone on the device: the flag masks every update (no branch on it).
+        # Fused optimizers take it as `found_inf` and skip their update (weights, moments, step
+        # counts) in the kernel. Others keep their step counts on the host and cannot be undone on
+        # the device: for them the flag is read here, the one host sync such a step keeps.
+        finite = self._all_finite(loss)
+        device_skip = all(self._skips_on_device(o.optimizer) for o in optimizers)
+        if device_skip or bool(finite):
             if self.hparams.grad_clip:
                 self.clip_gradients(opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-            opt_g.step()
+            with self._found_inf(opt_g.optimizer, finite, device_skip):
+                opt_g.step()  # Lightning counts it; `_host_checks` takes skipped ones back out
             if train_disc:
                 if self.hparams.disc_grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.objective.discriminator.parameters(), self.hparams.disc_grad_clip)
-                opt_d.optimizer.step()  # raw step: keeps Lightning's global_step = tokenizer steps
-            self._update_ema(step)
-            self._count_codes(output)
+                with self._found_inf(opt_d.optimizer, finite, device_skip):
+                    opt_d.optimizer.step()  # raw step: keeps Lightning's global_step = tokenizer steps
         else:
             self._skip_nonfinite_step(optimizers)
-            for buffer, saved in zip(buffers, saved_buffers):
-                buffer.copy_(saved)
+        for buffer, saved in zip(buffers, saved_buffers):
+            buffer.copy_(torch.where(finite, buffer, saved))
+        self._update_ema(step, finite)
+        self._count_codes(output, finite)
+        self.nonfinite_steps += (~finite).long()
+        self._nonfinite_run = torch.where(finite, 0, self._nonfinite_run.to(finite.device) + 1)
 
         self.step += 1
+        self._host_step = step + 1
         logs["lr"] = torch.tensor(opt_g.optimizer.param_groups[0]["lr"])
         logs["train/step"] = self.step.float()
         logs = {k if "/" in k else f"train/{k}": v for k, v in logs.items()}
@@ -268,18 +295,72 @@ class TokenizerModule(L.LightningModule):
         self.log("loss", logs["loss/total"], prog_bar=True, on_step=True, batch_size=images.shape[0], logger=False)
         self._write_logs(step, logs)
         self._rng_state = rng_state(self.device)
-        if self._consecutive_nonfinite >= self.hparams.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{self._consecutive_nonfinite} consecutive non-finite losses (steps "
-                f"{step + 1 - self._consecutive_nonfinite}..{step}), each skipped; stopping. The weights, EMA and "
-                f"optimizer states are those from before these steps. Lower the lr, keep grad clipping on, or use "
-                f"trainer.precision=32, then resume with ckpt_path=last.")
+        self._host_checks(step)
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
+    def _host_checks(self, step: int) -> None:
+        """The host's view of the skips, read from the device every `trainer.log_every_n_steps` steps,
+        at step-interval checkpoints and at the last step (one sync there, none between): skipped
+        steps are taken back out of Lightning's global_step (so max_steps and checkpoint intervals
+        count steps taken), and a run of `max_nonfinite_steps` consecutive non-finite steps stops
+        training."""
+        if self._trainer is None:
+            return
+        every = max(1, self.trainer.log_every_n_steps or 1)
+        max_steps = self.trainer.max_steps or -1
+        global_step = self.trainer.global_step
+        # ModelCheckpoint decides from global_step after this step: correct it before.
+        checkpoint = any(getattr(callback, "_every_n_train_steps", 0) and
+                         global_step % callback._every_n_train_steps == 0
+                         for callback in self.trainer.checkpoint_callbacks)
+        if (step + 1) % every and not checkpoint and not 0 < max_steps <= global_step:
+            return
+        skipped, run = torch.stack([self.nonfinite_steps, self._nonfinite_run.to(self.nonfinite_steps)]).tolist()
+        if skipped > self._skips_seen:
+            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            for tracker in (progress.total, progress.current):
+                tracker.ready -= skipped - self._skips_seen
+                tracker.completed -= skipped - self._skips_seen
+            self._skips_seen = skipped
+        if run >= self.hparams.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{run} consecutive non-finite losses (steps {step + 1 - run}..{step}), each skipped; stopping. The "
+                f"weights, EMA and optimizer states are those from before these steps. Lower the lr, keep grad "
+                f"clipping on, or use trainer.precision=32, then resume with ckpt_path=last.")
+
+    def _all_finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """Whether the loss is finite on every rank: a 0-d bool tensor on the device, never read here."""
         finite = torch.isfinite(loss.detach()).float()
         if self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
-        return bool(finite > 0)
+        return finite > 0
+
+    @property
+    def _consecutive_nonfinite(self) -> int:
+        """Length of the current run of non-finite steps (a host read: checkpoints and `_host_checks`)."""
+        return int(self._nonfinite_run)
+
+    @_consecutive_nonfinite.setter
+    def _consecutive_nonfinite(self, value: int) -> None:
+        self._nonfinite_run = torch.tensor(int(value), dtype=torch.long, device=self._nonfinite_run.device)
+
+    @staticmethod
+    def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+        """Fused optimizers (Adam, AdamW, SGD with fused=True) take a `found_inf` flag and skip the
+        whole update in their kernel when it is set."""
+        return bool(optimizer.defaults.get("fused"))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _found_inf(optimizer: torch.optim.Optimizer, finite: torch.Tensor, device_skip: bool):
+        """`optimizer.step()` inside skips on the device when `finite` is False (device_skip)."""
+        if not device_skip:
+            yield
+            return
+        optimizer.found_inf = (~finite).float()
+        try:
+            yield
+        finally:
+            del optimizer.found_inf
 
     def _unsaved_prefixes(self) -> tuple[str, ...]:
         """Module state-dict prefixes of the objective's frozen nets (rebuilt from config, never saved)."""
@@ -292,8 +373,7 @@ class TokenizerModule(L.LightningModule):
     def _skip_nonfinite_step(self, optimizers) -> None:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        self.nonfinite_steps += 1
-        self._consecutive_nonfinite += 1
+        self._skips_seen += 1  # no optimizer step was taken: Lightning's global_step did not count it
 
     # -- logging -----------------------------------------------------------------------------------
     def _write_logs(self, step: int, logs: dict[str, Any]) -> None:
@@ -316,10 +396,13 @@ class TokenizerModule(L.LightningModule):
         for logger in self.loggers:
             if hasattr(logger, "resume_at_step"):
                 logger.resume_at_step(int(self.step))
+        self._host_step = None  # read again from the (possibly restored) buffers by the first step
 
     # -- EMA ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _update_ema(self, step: int) -> None:
+    def _update_ema(self, step: int, finite: torch.Tensor | None = None) -> None:
+        """Move the EMA weights towards the trained ones; where `finite` (a 0-d device bool) is False
+        they stay as they are (a lerp by 0, so nothing is read back)."""
         if self.ema is None:
             return
         # Warm-up of the decay so short runs are not dominated by the random initial weights.
@@ -327,7 +410,12 @@ class TokenizerModule(L.LightningModule):
         pairs = [(e, p.detach()) for e, p in zip(self.ema.parameters(), self.tokenizer.parameters()) if e is not p]
         if pairs:
             ema_params, params = map(list, zip(*pairs))
-            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+            if finite is None:
+                torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+            else:
+                weight = torch.where(finite, 1.0 - decay, 0.0)
+                weights = {t.dtype: weight.to(t.dtype) for t in ema_params}
+                torch._foreach_lerp_(ema_params, params, [weights[t.dtype] for t in ema_params])
         for ema_buffer, buffer in zip(self.ema.buffers(), self.tokenizer.buffers()):
             if ema_buffer is not buffer:  # shared unless a device move gave the copy its own
                 ema_buffer.copy_(buffer)
@@ -338,16 +426,23 @@ class TokenizerModule(L.LightningModule):
         return self.ema if self.ema is not None else self.tokenizer
 
     # -- codebook statistics -------------------------------------------------------------------------
-    def _count_codes(self, output) -> None:
+    def _count_codes(self, output, finite: torch.Tensor | None = None) -> None:
+        """Add the step's ids to the histogram on the device (read only by `_codebook_stats`); nothing
+        where `finite` (a 0-d device bool) is False."""
         ids = output.encoded.ids if output.encoded is not None else None
         if self._code_hist is None or ids is None:
             return
         if self._code_hist.device != ids.device:
             self._code_hist = self._code_hist.to(ids.device)
         ids = ids.reshape(-1)
-        # Negative ids mark positions without a code (TokenFlow's dropped training scale). Unweighted
-        # bincount: the weighted one has no deterministic CUDA kernel (trainer.deterministic=true).
-        self._code_hist += torch.bincount(ids[ids >= 0], minlength=self._code_hist.numel())
+        # Negative ids mark positions without a code (TokenFlow's dropped training scale): they add 0.
+        # An integer scatter-add instead of bincount, which reads the largest id back to size its
+        # output and needs the negative ids taken out by a boolean mask (another read); it is exact
+        # and has a deterministic CUDA kernel (trainer.deterministic=true).
+        counted = ids >= 0
+        if finite is not None:
+            counted = counted & finite
+        self._code_hist.scatter_add_(0, ids.clamp(min=0), counted.long())
 
     def _codebook_stats(self, step: int) -> dict[str, float]:
         """Usage and perplexity of the codes counted since the last report, every `codebook_log_every` steps
@@ -397,6 +492,8 @@ class TokenizerModule(L.LightningModule):
             "rng": self._gather(rng),
             "consecutive_nonfinite": self._consecutive_nonfinite,
             "code_hist": self._code_hist.cpu().clone() if self._code_hist is not None else None,
+            # The lr curve's length: with total_steps null it follows trainer.max_steps (see on_load_checkpoint).
+            "schedule_total_steps": self.total_steps() if self._trainer is not None else None,
         }
 
     def _drop_shared_ema(self, state: dict[str, torch.Tensor]) -> list[str]:
@@ -414,6 +511,17 @@ class TokenizerModule(L.LightningModule):
                 del state[EMA_PREFIX + name]
                 shared.append(name)
         return shared
+
+    def _warn_if_schedule_changed(self, saved: int | None) -> None:
+        """A resumed run whose schedule has another length than the checkpoint's (a new
+        trainer.max_steps with model.schedule.total_steps null) takes another learning-rate curve."""
+        if saved is None or self._trainer is None or self.total_steps() == saved:
+            return
+        source = "model.schedule.total_steps" if self.schedule.get("total_steps") is not None else \
+            "trainer.max_steps, as model.schedule.total_steps is null"
+        warnings.warn(f"the checkpoint's learning-rate schedule is {saved} steps long, this run's is "
+                      f"{self.total_steps()} (from {source}): the learning-rate curve changes from here on. "
+                      f"Set model.schedule.total_steps={saved} to resume the same schedule.", stacklevel=2)
 
     def _gather(self, value: Any) -> list[Any]:
         """`value` of every rank (a collective: checkpoints are dumped on every rank)."""
@@ -435,6 +543,7 @@ class TokenizerModule(L.LightningModule):
         training = checkpoint.get("training_state")
         if training is None:
             return
+        self._warn_if_schedule_changed(training.get("schedule_total_steps"))
         self._consecutive_nonfinite = int(training["consecutive_nonfinite"])
         if self._code_hist is not None and training["code_hist"] is not None:
             self._code_hist = training["code_hist"].clone()

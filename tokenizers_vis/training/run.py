@@ -4,6 +4,7 @@ in-process."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -42,7 +43,8 @@ def run_training(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict:
     """Check the config; instantiate data, model, callbacks, loggers and trainer; fit (resuming
     from `ckpt_path`); validate the final (EMA) weights; write `<run>/config.yaml` and
     `<run>/summary.json`. Returns the summary. A run stopped by SIGTERM / SIGUSR1 returns after
-    saving `last.ckpt`, without the final validation, with `summary["preempted"]` set.
+    saving `last.ckpt`, without the final validation, with `summary["preempted"]` set (ranks
+    started by rank 0 return once it has exited: `leave_after_launcher`).
     `cli_overrides`: the command line's overrides (see `prepare_config`)."""
     cfg = prepare_config(cfg, cli_overrides)
     check_config(cfg)
@@ -96,4 +98,24 @@ def run_training(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict:
         summary["grid"] = str(grids[-1])
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if "preempted" in summary:
+        leave_after_launcher(trainer)
     return summary
+
+
+def leave_after_launcher(trainer: L.Trainer, timeout: float = 120.0) -> None:
+    """Under Lightning's local launcher (`python train.py trainer=ddp`: rank 0 starts the other
+    ranks), wait until the launching rank has exited. Its watchdog SIGKILLs it as soon as a rank
+    it started has exited with a non-zero code, as a preempted rank does (128 + the signal), so a
+    rank leaving first could kill it before it has finished. A collective: every rank calls it."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return
+    launched = bool(getattr(trainer.strategy.launcher, "procs", None))
+    launchers: list[int] = [0] * trainer.world_size
+    torch.distributed.all_gather_object(launchers, os.getpid() if launched else 0)
+    parent = os.getppid()
+    if parent not in launchers:  # srun, torchrun: no rank started the others
+        return
+    deadline = time.monotonic() + timeout
+    while os.getppid() == parent and time.monotonic() < deadline:  # re-parented once it has exited
+        time.sleep(0.1)
