@@ -17,9 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` from any test
-# The reference fixtures (official-code outputs); TOKENIZERS_VIS_SHARED points elsewhere (and lets a
-# test check what a checkout without them does).
-SHARED = Path(os.environ.get("TOKENIZERS_VIS_SHARED", REPO_ROOT.parent / "shared"))
+from helpers import SHARED  # noqa: E402  (the path above makes it importable)
 
 
 def free_port() -> int:

@@ -12,6 +12,9 @@ from omegaconf import DictConfig
 from tokenizers_vis.config import register_resolvers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The reference fixtures (official-code outputs); TOKENIZERS_VIS_SHARED points elsewhere (and lets a
+# test check what a checkout without them does).
+SHARED = Path(os.environ.get("TOKENIZERS_VIS_SHARED", REPO_ROOT.parent / "shared"))
 CONF_DIR = REPO_ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 

@@ -79,6 +79,8 @@ def test_frozen_and_trainable_are_one_mechanism():
         other.freeze_parts(frozen=["encoder"], trainable=["decoder"])
     with pytest.raises(ValueError, match="cannot train only \\['nothing'\\]"):
         other.freeze_parts(trainable=["nothing"])
+    with pytest.raises(ValueError, match="frozen once"):
+        other.freeze_parts(frozen=["encoder"])
 
 
 # -- the Objective base and the hooks the module calls ---------------------------------------------------

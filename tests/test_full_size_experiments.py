@@ -16,7 +16,11 @@ from helpers import EXPERIMENTS, REPO_ROOT, compose_train, reference_path
 from omegaconf import OmegaConf, open_dict
 
 from tokenizers_vis.config import prepare_config
+from tokenizers_vis.models.divot_official import official_state_dicts as divot_official_state_dicts
 from tokenizers_vis.models.flextok_official import OFFICIAL_VAE_CONFIG, convert_state_dict
+from tokenizers_vis.models.layton_official import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
+from tokenizers_vis.models.layton_official import official_state_dict as layton_official_state_dict
+from tokenizers_vis.models.seed_official import official_state_dict as seed_official_state_dict
 from tokenizers_vis.models.titok_official import official_state_dict as titok_official_state_dict
 from tokenizers_vis.models.tokenflow_official import CLIP_B16, SIGLIP_SO400M
 from tokenizers_vis.models.tokenflow_official import official_state_dict as tokenflow_official_state_dict
@@ -41,11 +45,23 @@ RELEASED = {
     "tokenflow_clipb": ("tokenflow", "tokenflow_clipb_32k_stage1"),
     "tokenflow_siglip_384": ("tokenflow", "tokenflow_siglip_32k"),
     "tokenflow_vitamin_xl": None,  # no released ViTamin-XL TokenFlow
+    "layton_sdxl": ("layton", "entries"),
+    # Both SEED stages build the text branch (a stage-1 run loads strictly into stage 2): the release's
+    # stage-1 ITC model and its seed_quantizer.pt together, on the EVA ViT-g.
+    "seed": ("seed", "released_seed_quantizer"),
+    "divot": ("divot", "encoder"),
 }
 # Small CPU recipes: no paper or release to match (README counts only).
-DEMOS = {"demo", "flextok_demo", "tokenflow_demo"}
+DEMOS = {"demo", "flextok_demo", "tokenflow_demo", "layton_demo", "seed_demo", "divot_demo"}
 # Parts that only training uses and releases do not ship: FlexTok's REPA projection head.
 TRAINING_ONLY = ("repa_projector.",)
+# The released architectures of pretrained parts that configs name by hub id, per tokenizer class
+# (the TokenFlow towers are handled by kind below).
+ARCHITECTURES = {
+    "FlexTok": {"vae": OFFICIAL_VAE_CONFIG},
+    "Layton": {"unet": SDXL_UNET_CONFIG, "vae": SDXL_VAE_CONFIG},
+    "Divot": {"frame_vit": None},  # None: the config already states the architecture
+}
 
 
 def readme_params() -> dict[str, tuple[float, float | None]]:
@@ -65,12 +81,15 @@ def build(experiment):
     cfg = compose_train([f"experiment={experiment}"], "/nonexistent/run")  # nothing is written: no run starts
     for stage in cfg.model.get("stages") or {}:
         # The weight files a stage requires (teachers, stage-1 runs) do not change the architecture.
-        cfg.model.stages[stage].required = {}
+        with open_dict(cfg.model.stages[stage]):
+            cfg.model.stages[stage].required = {}
     cfg = prepare_config(cfg)
     tokenizer_cfg = cfg.model.tokenizer
     with open_dict(tokenizer_cfg):
-        if "vae" in tokenizer_cfg and tokenizer_cfg.vae is not None:
-            tokenizer_cfg.vae = {"pretrained": None, "config": OFFICIAL_VAE_CONFIG, "scaling_factor": 1.0}
+        for key, architecture in ARCHITECTURES.get(tokenizer_cfg._target_.rsplit(".", 1)[-1], {}).items():
+            part = tokenizer_cfg.get(key)
+            if part is not None and part.get("pretrained") is not None:
+                part.pretrained, part.config = None, architecture or part.config
         tower = tokenizer_cfg.get("semantic_encoder")
         if tower is not None:
             architecture = {"openai_clip": CLIP_B16, "siglip": SIGLIP_SO400M}.get(tower.kind)
@@ -98,8 +117,38 @@ def test_every_experiment_is_a_released_recipe_or_a_demo():
 def test_names_and_shapes_equal_the_official_release(experiment, shared_dir):
     model, entry = RELEASED[experiment]
     keys = json.loads(reference_path(shared_dir, model, "full_size_keys.json").read_text())
-    expected, official_counts = keys[entry], keys["_param_counts"][entry]
     tokenizer = build(experiment)
+    if model == "layton":  # entries: [name, shape, dtype]; totals: elements of the whole state dict
+        ours = {k: list(v.shape) for k, v in layton_official_state_dict(tokenizer).items()}
+        assert ours == {name: shape for name, shape, _ in keys[entry]}
+        assert sum(v.numel() for v in tokenizer.state_dict().values()) == keys["totals"]["elements"]
+        return
+    if model == "seed":
+        quantizer, vit = seed_official_state_dict(tokenizer)
+        listed = {name: shape for name, shape, _ in keys["stage1_itc_model"] + keys[entry]}
+        # The official stage-1 class also carries BERT's masked-LM head, which ITC never uses.
+        expected = {k: v for k, v in listed.items() if not k.startswith("Qformer.cls.")}
+        assert {k: list(v.shape) for k, v in quantizer.items()} == expected
+        assert {f"visual_encoder.{k}": list(v.shape) for k, v in vit.items()} == \
+            {name: shape for name, shape, _ in keys["eva_vit_g"]}
+        assert sum(v.numel() for v in vit.values()) == keys["counts"]["eva_vit_g"]["params"]
+        return
+    if model == "divot":  # per part: [{key, shape}, ...]; the tokenizer and the de-tokenizer's three models
+        def shapes(part):
+            return {e["key"]: list(e["shape"]) for e in keys[part]["keys"]}
+
+        encoder, detokenizer = divot_official_state_dicts(tokenizer)
+        # The official encoder keeps six tensors of the deleted OpenCLIP text tower; nothing uses them.
+        listed = {k: v for k, v in shapes("encoder").items()
+                  if not (k.startswith("vit_model.model.") and ".visual." not in k)}
+        assert len(shapes("encoder")) - len(listed) == 6
+        assert {k: list(v.shape) for k, v in encoder.items()} == listed
+        for part, prefix in (("detok_image_proj_model", "image_proj_model."), ("detok_diffusion_model", "diffusion_model."),
+                             ("detok_first_stage_model", "first_stage_model.")):
+            ours = {k[len(prefix):]: list(v.shape) for k, v in detokenizer.items() if k.startswith(prefix)}
+            assert ours == shapes(part), part
+        return
+    expected, official_counts = keys[entry], keys["_param_counts"][entry]
     if model == "titok":
         ours = {k: list(v.shape) for k, v in titok_official_state_dict(tokenizer).items()}
         assert ours == expected

@@ -271,6 +271,7 @@ class _Probe(nn.Module):
         self.settings = dict(decode_settings)
         self.keep = keep
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.rng_devices = [device] if device.type == "cuda" else []
         self.kept: list[Tensor] = []
         # Per batch: images, encode seconds, {count: decode seconds}; the first batch is dropped
         # from the speeds when there are more (it pays for lazy initialisation and warm-up).
@@ -308,12 +309,19 @@ class _Probe(nn.Module):
         """Parameters read by encode, and by decode from what a user stores (the ids; the latents
         for continuous models), counted on one image."""
         params = list(self.inner.parameters())
-        with _ParameterReads() as encode_reads:
-            encoded = self.inner.encode(image)
-        with _ParameterReads() as decode_reads:
-            self.inner.decode(encoded.ids if encoded.ids is not None else encoded, **self.settings)
+        # Samplers on the global RNG (SEED's unCLIP) must draw what they draw in eval/reconstruct.py.
+        with torch.random.fork_rng(devices=self.rng_devices):
+            with _ParameterReads() as encode_reads:
+                encoded = self.inner.encode(image)
+            with _ParameterReads() as decode_reads:
+                self.inner.decode(encoded.ids if encoded.ids is not None else encoded, **self.settings)
         return {"encoder": _count(params, set(encode_reads.seen)), "decoder": _count(params, set(decode_reads.seen)),
                 "total": sum(p.numel() for p in params)}
+
+    def extra_metrics(self, images: Tensor, encoded) -> dict[str, Tensor]:
+        """The tokenizer's own per-image numbers (SEED's embedding cosine), as the evaluator asks them."""
+        own = getattr(self.inner, "extra_metrics", None)
+        return own(images, encoded) if own is not None else {}
 
     def speeds(self) -> tuple[float | None, dict[int, float]]:
         rows = self.timings[1:] if len(self.timings) > 1 else self.timings
@@ -941,10 +949,9 @@ def run_comparison(cfg: Mapping, conf_dir: str | os.PathLike | None = None, metr
 
 def _video_settings(cfg: Mapping, conf_dir: str | os.PathLike | None) -> dict[str, Any] | None:
     """The clip settings when `data` is video (the test of eval/reconstruct.py), else None."""
-    try:
-        from tokenizers_vis.video_evaluation import is_video_config, video_clip_settings
-    except ImportError:  # a tree without the video evaluator (or its PyAV dependency): images only
-        return None
+    # No ImportError fallback: a broken video evaluator must not turn video data into images.
+    # (It imports PyAV only when it reads clips.)
+    from tokenizers_vis.video_evaluation import is_video_config, video_clip_settings
 
     if not is_video_config(cfg, conf_dir):
         return None

@@ -5,11 +5,11 @@ generator) that load through the official format and reproduce the model they we
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED
+from helpers import SHARED
+from helpers import reference_path
 
 from tokenizers_vis import load_tokenizer
 from tokenizers_vis.models.divot import Divot, sparse_frame_positions
@@ -178,9 +178,7 @@ def test_frame_vit_is_frozen_and_rebuilds_from_config(model):
 def test_released_sizes_match_the_official_key_list():
     """Our full-size model, written in the official layout, has exactly the released keys and shapes
     (built on the meta device: no memory, no weights)."""
-    path = SHARED / "reference" / "divot" / "full_size_keys.json"
-    if not path.exists():
-        pytest.skip(f"{path} is absent")
+    path = reference_path(SHARED, "divot", "full_size_keys.json")
     listing = json.loads(path.read_text())
     vit = {"image_size": 224, "patch_size": 14, "width": 1280, "layers": 32, "head_width": 80, "output_dim": 1024}
     unet = {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "num_res_blocks": 2,
@@ -204,3 +202,46 @@ def test_released_sizes_match_the_official_key_list():
                           ("detok_first_stage_model", "first_stage_model.")):
         ours = {k[len(prefix):]: tuple(v.shape) for k, v in detok.items() if k.startswith(prefix)}
         assert ours == shapes(group), group
+
+
+def test_saved_folder_rebuilds_offline_bit_for_bit(model, tmp_path):
+    from tokenizers_vis.models.loading import save_pretrained
+
+    config = model.config
+    assert config["frame_vit"]["pretrained"] is None and config["frame_vit"]["config"]["width"] == 32
+    assert config["vae"]["pretrained"] is None
+    save_pretrained(model, tmp_path / "saved")
+    loaded = load_tokenizer(tmp_path / "saved")
+    for (key, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), key
+    video = clip(seed=11)
+    with torch.no_grad():
+        assert torch.equal(model.encode(video).latents, loaded.encode(video).latents)
+
+
+def test_released_preset_args_build_the_released_architecture(monkeypatch, tmp_path):
+    """The preset's official_args.json is what our released-size model writes back, and the preset
+    fetches both released files (here from a fake Hub) into a folder the format recognises."""
+    from tokenizers_vis.models import divot_official
+    from tokenizers_vis.models.official import find_official_format, find_preset
+
+    config = divot_official.divot_config(divot_official.RELEASED_ARGS)
+    config["frame_vit"]["pretrained"] = None
+    with torch.device("meta"):
+        full = Divot(**config)
+    assert divot_official.official_args(full)["config"] == {**divot_official.RELEASED_ARGS["config"]}
+    assert (full.num_tokens, full.token_dim, full.video_size, full.decoder.vae.latent_channels) == (64, 256, 256, 4)
+
+    fake_hub = tmp_path / "hub"
+    fake_hub.mkdir()
+
+    def fake_download(repo, name):
+        assert repo == "TencentARC/Divot"
+        (fake_hub / name).write_bytes(b"weights")
+        return str(fake_hub / name)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    fmt, resolve = find_preset("TencentARC/Divot")
+    folder = resolve(tmp_path / "cache")
+    assert fmt.name == "divot" and find_official_format(folder) is fmt
+    assert json.loads((folder / "official_args.json").read_text()) == divot_official.RELEASED_ARGS

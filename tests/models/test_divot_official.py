@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED
+from helpers import SHARED
 from helpers import reference_path
 from safetensors.torch import load_file
 

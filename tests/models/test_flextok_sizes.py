@@ -19,8 +19,6 @@ from tokenizers_vis import load_tokenizer
 from tokenizers_vis.models.flextok import FlexTok
 from tokenizers_vis.models.flextok_official import load_official
 
-pytest.importorskip("diffusers", reason="the official FlexTok has a diffusers VAE stage")
-
 ENC, DEC = "encoder.module_dict.", "decoder.module_dict."
 
 CASES = {

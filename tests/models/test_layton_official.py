@@ -40,7 +40,7 @@ RUNS = {"decode": 0.8, "decode_random_ids": 1.0}  # cond_scale of each fixture r
 
 @pytest.fixture(scope="module")
 def fixture_dir():
-    from conftest import SHARED  # module scope: the function-scoped shared_dir fixture is not usable here
+    from helpers import SHARED  # module scope: the function-scoped shared_dir fixture is not usable here
 
     return reference_path(SHARED, "layton", "tiny.safetensors").parent
 
@@ -239,7 +239,8 @@ def _official_args(c: dict) -> dict:
                               "commit_loss_beta": 0.25, "encoder_ch_mult": c["ch_mult"], "z_channels": 16},
             "vq_encoder": {"ch": 32, "num_res_blocks": 1},
             "controlnet_cond": {"conditioning_embedding_out_channels": c["cond_channels"], "cond_channels": dim},
-            "lora": {"r": c["rank"], "lora_alpha": c["alpha"], "target_modules": list(RELEASED_ARGS["lora"]["target_modules"])},
+            "lora": {"r": c["rank"], "lora_alpha": c["alpha"],
+                     "target_modules": list(RELEASED_ARGS["lora"]["target_modules"])},
             "unet_config": unet, "vae_config": vae, "scheduler_config": RELEASED_ARGS["scheduler_config"],
             "image_size_sd": c["image_size"], "tokenizer_input_size": c["input_size"]}
 
@@ -288,7 +289,7 @@ def _generated(case: str):
     c = CASES[case]
     args = _official_args(c)
     g = torch.Generator().manual_seed(sorted(CASES).index(case) + 7)
-    vq, k_dim = args["vq_model_args"], c["codebook"]
+    k_dim = c["codebook"]
     encoder = VQGANEncoder(ch=32, ch_mult=c["ch_mult"], num_res_blocks=1, z_channels=16)
     quant_conv = nn.Conv2d(16, k_dim[1], 1)
     unet = UNet2DConditionModel(**args["unet_config"])
@@ -340,8 +341,8 @@ def _generated(case: str):
         kwargs = {"encoder_hidden_states": torch.zeros(2, 77, c["cross"]),
                   "added_cond_kwargs": {"text_embeds": torch.zeros(2, 1280),
                                         "time_ids": torch.tensor([[s, s, 0, 0, s, s]] * 2)}}
-        abar = DDIMScheduler(**{k: v for k, v in args["scheduler_config"].items()
-                                if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")}).alphas_cumprod
+        schedule = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")
+        abar = DDIMScheduler(**{k: v for k, v in args["scheduler_config"].items() if k in schedule}).alphas_cumprod
         noise = [torch.randn(2, 4, latent, latent) for _ in range(4)]
         x, x0 = noise[0], None
         for i, (t, t_next) in enumerate([(999, 499), (499, 124), (124, 0)]):

@@ -92,3 +92,22 @@ def test_evaluation_reports_the_embedding_cosine(tok):
                                                          tok.clip_target()(images), dim=-1).mean()
     assert result["embedding_cosine"] == pytest.approx(float(expected), abs=1e-6)
     assert result["psnr"] is not None and result["num_images"] == 4
+
+
+def test_comparison_measures_seed_as_the_evaluator_does(tok):
+    """eval/compare.py's probe keeps SEED's embedding cosine, and its parameter trace (one extra
+    encode + decode) draws nothing from the global RNG the unCLIP sampler uses."""
+    from tokenizers_vis.comparison import _Probe
+
+    images = torch.rand(4, 3, 32, 32, generator=_gen(8))
+    loader = [{"image": images[:2]}, {"image": images[2:]}]
+
+    def measure(model):
+        torch.manual_seed(11)
+        return evaluate_reconstruction(model, loader, ReconstructionMetrics(codebook_size=32, fid=False, lpips=False),
+                                       progress=False)
+
+    alone = measure(tok)
+    probed = measure(_Probe(tok, {}, keep=0, device=torch.device("cpu")))
+    assert probed["embedding_cosine"] == alone["embedding_cosine"]
+    assert probed["psnr"] == alone["psnr"] and probed["ssim"] == alone["ssim"]

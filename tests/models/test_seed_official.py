@@ -42,7 +42,7 @@ DIST_ATOL = 2e-4
 
 @pytest.fixture(scope="module")
 def fixture_dir():
-    from conftest import SHARED
+    from helpers import SHARED
 
     return reference_path(SHARED, "seed", "tiny.safetensors").parent
 

@@ -25,7 +25,7 @@ def test_video_clips_give_a_frame_strip_and_an_mp4(tmp_path):
     clips = torch.rand(2, 5, 3, 16, 16)
     datamodule = SimpleNamespace(val_dataloader=lambda: [{"video": clips, "key": ["a", "b"]}], fps=5.0)
     trainer = SimpleNamespace(datamodule=datamodule, default_root_dir=str(tmp_path), loggers=[], global_step=3)
-    module = SimpleNamespace(eval_tokenizer=HalfTokenizer(), step=3, device=torch.device("cpu"))
+    module = SimpleNamespace(eval_tokenizer=HalfTokenizer(), step=3, host_step=3, device=torch.device("cpu"))
     logger = ReconstructionLogger(num_images=2)
     logger.log_grid(trainer, module)
     assert logger.last_path.name == "step_0000003.png" and logger.last_path.is_file()

@@ -5,8 +5,11 @@ label smoothing (SEED: 0.1). Under DDP the features of every rank are gathered, 
 slice keeping its gradient (the others are constants), and every rank computes the loss over the
 whole global batch: its value equals the single-process loss on the concatenated batch, and each
 rank back-propagates into its own samples only (DDP then averages, which scales the gradient by
-1 / world size; Adam, the recipe's optimizer, is invariant to that). Batches must have the same
-size on every rank (the loaders drop the last uneven batch).
+1 / world size; Adam, the recipe's optimizer, is invariant to that). The temperature is the
+exception: it scales the whole gathered matrix, so every rank computes its full gradient and, after
+DDP's average, it is world size times larger relative to the other parameters (Adam is invariant
+to that per parameter, but a global-norm clip sees it). Batches must have the same size on every
+rank (the loaders drop the last uneven batch).
 """
 
 from __future__ import annotations

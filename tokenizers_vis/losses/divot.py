@@ -7,7 +7,7 @@ spatial-temporal transformer, both Perceiver resamplers and the UNet do (or what
 leaves trainable). With probability `condition_dropout` (the model's) a clip is trained on the
 context of an all-zero video, the unconditional input of classifier-free guidance.
 The returned reconstruction is the one-call x0 estimate of this step through the VAE, without
-gradients (for logs), when `log_reconstruction`; otherwise the input clip itself.
+gradients (for logs), when `log_reconstruction`; otherwise None (the step trains no pixel path).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class DivotDenoisingObjective(Objective):
         diffusion = torch.nn.functional.mse_loss(train.prediction.float(), train.target.float())
         loss = self.diffusion_weight * diffusion
         logs = {"loss/diffusion": diffusion, "loss/total": loss, "tokens/std": tokens.detach().float().std()}
-        reconstruction = pixels
+        reconstruction = None
         if self.log_reconstruction:
             with torch.no_grad():
                 x0 = model.decoder.predict_x0(train.prediction.detach(), train.x_t, train.timesteps)

@@ -23,9 +23,6 @@ from tokenizers_vis.nn.clip_embedder import FrozenCLIPImageEmbedder
 
 __all__ = ["SEEDObjective", "recon_cosine_loss"]
 
-# The real recipe's target: the image encoder that ships with SD 2.1 unCLIP (CLIP ViT-H/14, 1024-d).
-UNCLIP_IMAGE_ENCODER = {"pretrained": "stabilityai/stable-diffusion-2-1-unclip", "subfolder": "image_encoder"}
-
 
 def recon_cosine_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """mean(1 - cos(predicted, target)) over the tokens (last dim: features)."""

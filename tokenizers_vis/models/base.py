@@ -102,13 +102,14 @@ class Encoded:
 class ModelOutput:
     """What `forward` returns for a training step.
 
-    reconstruction: (B, 3, H, W) on the [0, 1] scale, not clamped (losses see the raw values).
+    reconstruction: (B, 3, H, W) on the [0, 1] scale, not clamped (losses see the raw values); None
+                    for a step that trains no pixel path (TiTok's proxy codes, SEED).
     aux_loss:       the model's own weighted losses (quantizer / KL), a scalar tensor.
     logs:           named scalar statistics to log (detached).
     encoded:        the `Encoded` of this batch (ids feed codebook-usage metrics).
     """
 
-    reconstruction: torch.Tensor
+    reconstruction: torch.Tensor | None
     aux_loss: torch.Tensor
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
     encoded: Encoded | None = None
@@ -202,6 +203,10 @@ class Tokenizer(nn.Module, ABC):
             verb = "freeze" if trainable is None else "train only"
             raise ValueError(f"cannot {verb} {unknown}: this {self.model_type} has the parts {available}")
         parts = tuple(named) if trainable is None else tuple(p for p in available if p not in set(trainable))
+        if self.frozen_parts and parts != self.frozen_parts:
+            # Unfreezing could also thaw pretrained pieces frozen inside a part: parts freeze once.
+            raise ValueError(f"this {self.model_type} already froze {list(self.frozen_parts)}; parts are frozen "
+                             "once, when the model is built")
         for name in parts:
             getattr(self, name).requires_grad_(False)
         self.frozen_parts = parts

@@ -182,7 +182,8 @@ def _perceiver(dim: int, depth: int, heads: int, head_dim: int, num_latents: int
 class Divot(Tokenizer):
     """Divot (see the module docstring).
 
-    frame_vit: {"pretrained": None | file | "ViT-H-14/laion2b_s32b_b79k", "config": {...}}.
+    frame_vit: {"pretrained": None | file | "ViT-H-14/laion2b_s32b_b79k", "config": {...}, "source": where the
+        weights came from (recorded in saved configs, never read)}.
     unet: `VideoUNet` arguments; vae: `FrozenVAE` arguments (None: encode-only, no de-tokenizer).
     scheduler: `RoundedScheduleDDIM` arguments. fs: frame-stride condition of the UNet (3).
     condition_dropout: probability of training on the unconditional context (for CFG).
@@ -235,7 +236,7 @@ class Divot(Tokenizer):
         self.condition_dropout = condition_dropout
         self.sample_steps = sample_steps
         fv = dict(frame_vit or {"pretrained": RELEASED_FRAME_VIT, "config": None})
-        self.frame_vit = FrameViT(fv.get("pretrained"), fv.get("config"))
+        self.frame_vit = FrameViT(fv.get("pretrained"), fv.get("config"))  # `source`: recorded only
         n = len(self.frame_positions)
         self.temporal_encoder = TemporalEncoder(self.frame_vit.model.conv1.out_channels, temporal_width,
                                                 temporal_depth, temporal_heads, hidden_size, n)
@@ -251,6 +252,21 @@ class Divot(Tokenizer):
             self.decoder = DiffusionDecoder(VideoUNet(**unet_args), RoundedScheduleDDIM(**dict(scheduler or {})),
                                             condition=DivotCondition(fs), vae=FrozenVAE(**dict(vae)))
         self.freeze_parts(frozen=tuple(frozen))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The architecture config with the frame ViT and the VAE recorded by architecture (their
+        weights travel in the state dict), so a saved or exported Divot rebuilds offline; the ViT's
+        source stays as `frame_vit.source`."""
+        from tokenizers_vis.models.base import _plain
+
+        config = super().config
+        source = (config.get("frame_vit") or {}).get("pretrained", RELEASED_FRAME_VIT)
+        config["frame_vit"] = {"pretrained": None, "config": self.frame_vit.architecture(),
+                               "source": config["frame_vit"].get("source", source) if config.get("frame_vit") else source}
+        if self.decoder is not None:
+            config["vae"] = _plain(self.decoder.vae.rebuild_arguments())
+        return config
 
     # -- encoder ---------------------------------------------------------------------------------
     def official_transform(self, frames: torch.Tensor, size: int | None = None) -> torch.Tensor:
@@ -433,7 +449,7 @@ class Divot(Tokenizer):
         return loss, {"loss/diffusion": loss.detach(), "tokens/std": tokens.detach().float().std()}
 
     def forward(self, pixels: torch.Tensor) -> ModelOutput:
-        """A training step's view: the denoising loss as `aux_loss`; the reconstruction is the input
-        (a 50-step sampling run per step would dominate training; evaluation calls `reconstruct`)."""
+        """A training step's view: the denoising loss as `aux_loss`, no reconstruction (a 50-step
+        sampling run per step would dominate training; evaluation calls `reconstruct`)."""
         loss, logs = self.denoising_loss(self.as_clip(pixels))
-        return ModelOutput(reconstruction=pixels, aux_loss=loss, logs=logs)
+        return ModelOutput(reconstruction=None, aux_loss=loss, logs=logs)

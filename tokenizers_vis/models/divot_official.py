@@ -59,6 +59,34 @@ RELEASED_REPO = "TencentARC/Divot"
 TEXT_LEFTOVERS = tuple(f"vit_model.model.{k}" for k in
                        ("token_embedding.", "positional_embedding", "ln_final.", "text_projection", "logit_scale"))
 VAE_SCALE = 0.18215
+# official_args.json of the released files (configs/visual_encoder/Divot_video.yaml,
+# configs/video_detokenizer/Divot_detokenizer_stage1.yaml and the code's defaults).
+RELEASED_ARGS: dict[str, Any] = {
+    "config": {
+        "encoder": {"num_frames": 5, "input_dim": 1280, "hidden_size": 1024, "width": 768, "temporal_depth": 6,
+                    "pool_size": 5, "use_norm": True, "transformer_depth": 4, "resampler_depth": 6,
+                    "st_num_tokens": 125, "down_num_tokens": 64, "resampler_dim": 256},
+        "frame_vit_openclip_cfg": {"embed_dim": 1024, "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280,
+                                                                   "head_width": 80, "patch_size": 14,
+                                                                   "mlp_ratio": 4.0}},
+        "code_defaults": {"temporal_heads": 12, "st_num_heads": 8, "down_resampler_dim_head": 64,
+                          "down_resampler_heads": 16},
+        "detok_resampler": {"dim": 1024, "depth": 6, "dim_head": 64, "heads": 16, "num_queries": 125,
+                            "embedding_dim": 256, "output_dim": 1024},
+        "clip_hw": [256, 256],
+    },
+    "detok_config": {
+        "unet": {"in_channels": 4, "out_channels": 4, "model_channels": 320, "attention_resolutions": [4, 2, 1],
+                 "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4], "dropout": 0.1, "num_head_channels": 64,
+                 "transformer_depth": 1, "context_dim": 1024, "use_linear": True, "temporal_conv": True,
+                 "temporal_attention": True, "addition_attention": True, "image_cross_attention": True,
+                 "image_cross_attention_scale_learnable": True, "fs_condition": True, "default_fs": 3},
+        "vae": {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
+                                             "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+                                             "attn_resolutions": [], "dropout": 0.0}},
+        "dynamicrafter": {"fs": 3, "image_size": 256, "num_frames": 5},
+    },
+}
 
 _TEMPORAL = (("ln_1.", "norm1."), ("ln_2.", "norm2."), ("attn.in_proj_weight", "attn.qkv.weight"),
              ("attn.in_proj_bias", "attn.qkv.bias"), ("attn.out_proj.", "attn.proj."), ("mlp.c_fc.", "mlp.fc1."),
@@ -354,6 +382,31 @@ def load_official_divot(directory: str | os.PathLike, frame_vit_pretrained: str 
     return model.eval()
 
 
+def released_folder(cache_dir: str | os.PathLike) -> Path:
+    """Fetch the released `TencentARC/Divot` tokenizer and stage-1 de-tokenizer (network or a Hub
+    cache) into an official-layout folder under `cache_dir`, with `RELEASED_ARGS`. The frame ViT
+    then comes from open_clip's laion2b ViT-H/14 when the file lacks it."""
+    from huggingface_hub import hf_hub_download
+
+    folder = Path(cache_dir) / "divot"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (TOKENIZER_NAME, DETOKENIZER_NAME):
+        try:
+            weights = Path(hf_hub_download(RELEASED_REPO, name))
+        except Exception as err:  # offline / missing: say what to do
+            raise OSError(f"could not download {RELEASED_REPO}/{name} ({err}). Download it where there is network "
+                          f"(`hf download {RELEASED_REPO} {name} --local-dir DIR`) and load DIR after writing "
+                          f"DIR/{ARGS_NAME} (divot_official.RELEASED_ARGS).") from err
+        target = folder / name
+        if target.is_symlink() and not target.exists():  # a stale link to an emptied cache
+            target.unlink()
+        if not target.exists():
+            target.symlink_to(weights)
+    (folder / ARGS_NAME).write_text(json.dumps(RELEASED_ARGS, indent=1))
+    return folder
+
+
 OFFICIAL_FORMAT = register_official_format(OfficialFormat(
     name="divot", recognise=is_official_divot_folder, load=load_official_divot,
-    save=lambda model, path, **_: save_official_divot(model, path)))
+    save=lambda model, path, **_: save_official_divot(model, path),
+    presets={"divot": released_folder, RELEASED_REPO: released_folder}))

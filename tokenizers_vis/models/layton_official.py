@@ -41,7 +41,6 @@ released file as a preset: `load_tokenizer("lactok")` (also `LaCTok-T`, `OPPOer/
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import os
@@ -264,10 +263,10 @@ def released_folder(cache_dir: str | os.PathLike) -> Path:
 
 
 def _preset_names() -> dict[str, Any]:
-    resolve = functools.partial(released_folder)
+    """The released file by short name, file name or Hub path; each resolves to `released_folder`."""
     names = ("lactok", "LaCTok-T", WEIGHTS_NAME, RELEASED_REPO, f"{RELEASED_REPO}/{WEIGHTS_NAME}",
              f"{RELEASED_REPO}/LaCTok-T")
-    return {name: resolve for name in names}
+    return {name: released_folder for name in names}
 
 
 OFFICIAL_FORMAT = register_official_format(OfficialFormat(

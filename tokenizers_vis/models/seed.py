@@ -435,15 +435,14 @@ class SEED(Tokenizer):
         stage 1 adds "itc_image" (last-query features); stage 2 adds "recon_qformer" (head a) and
         "image_embedding" (head b), with the VQ loss as `aux_loss`. SEED trains no pixel path (its
         decoder is a frozen 20-step diffusion model, far too slow per training step), so
-        `reconstruction` is a zero placeholder of the input's shape: no SEED objective reads it, and
-        pixel losses on it mean nothing. `decode` / `reconstruct` give real images."""
+        `reconstruction` is None (as TiTok's `pixels=False`): a pixel loss on it fails loudly instead
+        of training on a fake image. `decode` / `reconstruct` give real images."""
         pixel_values = self.pixel_values(images)
-        empty = torch.zeros_like(images)
         if self.stage == 1:
             query_output = self.query_output(pixel_values)
             encoded = Encoded(ids=None, latents=None, extras={"query_output": query_output,
                                                               "itc_image": self.image_text_features(query_output)})
-            return ModelOutput(reconstruction=empty, aux_loss=query_output.new_zeros(()), encoded=encoded)
+            return ModelOutput(reconstruction=None, aux_loss=query_output.new_zeros(()), encoded=encoded)
         with torch.no_grad():  # frozen in stage 2
             query_output = self.query_output(pixel_values)
         z, quantized, ids, aux = self.quantize_queries(query_output)
@@ -452,7 +451,7 @@ class SEED(Tokenizer):
                   "recon_qformer": self.reconstruct_queries(up),
                   "image_embedding": self.embedding_from_trunk(self.image_blocks(up))}
         logs = {f"quantizer/{k}": v.detach() for k, v in aux.items() if k != "loss"}
-        return ModelOutput(reconstruction=empty, aux_loss=aux["loss"], logs=logs,
+        return ModelOutput(reconstruction=None, aux_loss=aux["loss"], logs=logs,
                            encoded=Encoded(ids=ids, latents=quantized, extras=extras))
 
     @torch.no_grad()

@@ -61,7 +61,7 @@ class ReconstructionLogger(L.Callback):
         reconstructions = tokenizer.decode(tokenizer.encode(inputs)).float().reshape(images.shape)
         tokenizer.train(was_training)
         grid = reconstruction_grid(images, reconstructions)
-        step = int(module.step)
+        step = module.host_step
         out_dir = Path(trainer.default_root_dir) / self.dirname
         out_dir.mkdir(parents=True, exist_ok=True)
         self.last_path = out_dir / f"step_{step:07d}.png"
@@ -84,7 +84,7 @@ class ReconstructionLogger(L.Callback):
         return write_video(path, clip_to_frames(frames), fps=fps)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and int(module.step) % self.every_n_steps == 0:
+        if self.every_n_steps and module.host_step % self.every_n_steps == 0:
             self.log_grid(trainer, module)
 
     def on_train_end(self, trainer, module) -> None:

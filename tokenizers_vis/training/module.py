@@ -297,6 +297,11 @@ class TokenizerModule(L.LightningModule):
         self._rng_state = rng_state(self.device)
         self._host_checks(step)
 
+    @property
+    def host_step(self) -> int:
+        """The step counter as a Python int without a device read during training (callbacks use it)."""
+        return self._host_step if self._host_step is not None else int(self.step)
+
     def _host_checks(self, step: int) -> None:
         """The host's view of the skips, read from the device every `trainer.log_every_n_steps` steps,
         at step-interval checkpoints and at the last step (one sync there, none between): skipped
