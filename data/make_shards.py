@@ -21,17 +21,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import multiprocessing
 import os
 import random
 import sys
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 from tokenizers_vis.data.pipeline import list_image_files
-from tokenizers_vis.data.shards import brace_pattern, write_shards
+from tokenizers_vis.data.shards import brace_pattern, write_encoded_shards
 
 # Formats kept as they are (the loader decodes them); the value is the shard extension.
 KEEP_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -146,28 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     if classes:
         (args.out / "classes.json").write_text(json.dumps(classes, indent=1))
 
-    skipped = 0
-    written = 0
-
-    def samples(results):
-        nonlocal skipped, written
-        for sample, error in tqdm(results, total=len(jobs), unit="img", file=sys.stderr):
-            if error is not None:
-                skipped += 1
-                tqdm.write(f"warning: skipping unreadable image {error}", file=sys.stderr)
-                continue
-            written += 1
-            yield sample
-
-    if args.workers > 1:
-        with multiprocessing.Pool(args.workers) as pool:
-            paths = write_shards(samples(pool.imap(encode, jobs, chunksize=16)), args.out, args.prefix, args.shard_size)
-    else:
-        paths = write_shards(samples(map(encode, jobs)), args.out, args.prefix, args.shard_size)
+    paths, written, skipped = write_encoded_shards(encode, jobs, args.workers, args.out, args.prefix,
+                                                   args.shard_size, kind="image", unit="img", chunksize=16)
 
     labels = f", {len(classes)} classes in {args.out / 'classes.json'}" if classes else ""
     print(
-        f"wrote {written} images to {len(paths)} shards, skipped {skipped} unreadable{labels}",
+        f"wrote {written} images to {len(paths)} shards, skipped {len(skipped)} unreadable{labels}",
         file=sys.stderr,
     )
     if not paths:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import multiprocessing
 import os
 import random
 import sys
@@ -27,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from tokenizers_vis.data.shards import brace_pattern, write_shards
+from tokenizers_vis.data.shards import brace_pattern, write_encoded_shards
 from tokenizers_vis.data.video import VIDEO_FILE_SUFFIXES, clip_step, encode_video, list_video_files
 
 
@@ -159,25 +157,9 @@ def main(argv: list[str] | None = None) -> int:
 
     options = {"format": args.format, "reencode": args.reencode, "frames": args.frames, "fps": args.fps,
                "size": args.size, "crf": args.crf}
-    skipped: list[str] = []
-    written = 0
-
-    def samples(results):
-        nonlocal written
-        for sample, error in tqdm(results, total=len(jobs), unit="video", file=sys.stderr):
-            if error is not None:
-                skipped.append(error)
-                tqdm.write(f"warning: skipping unreadable video {error}", file=sys.stderr)
-                continue
-            written += 1
-            yield sample
-
-    encoder = _Encoder(options)
-    if args.workers > 1:
-        with multiprocessing.Pool(args.workers) as pool:
-            paths = write_shards(samples(pool.imap(encoder, jobs)), args.out, args.prefix, args.shard_size)
-    else:
-        paths = write_shards(samples(map(encoder, jobs)), args.out, args.prefix, args.shard_size)
+    # One video at a time per worker (imap's default chunk): videos are slow to encode.
+    paths, written, skipped = write_encoded_shards(_Encoder(options), jobs, args.workers, args.out, args.prefix,
+                                                   args.shard_size, kind="video", unit="video")
 
     print(f"wrote {written} videos to {len(paths)} shards, skipped {len(skipped)} unreadable", file=sys.stderr)
     for error in skipped:

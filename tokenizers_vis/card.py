@@ -44,6 +44,7 @@ class CardInfo:
     validation: the end-of-training validation metrics of summary.json (`val/...` keys).
     grid:       file name, inside the exported folder, of a sample reconstruction grid.
     grid_step:  the training step at which that grid was logged.
+    video:      file name, inside the exported folder, of a sample reconstruction video (video tokenizers).
     license:    the license id of the weights (front matter `license`).
     """
 
@@ -56,6 +57,7 @@ class CardInfo:
     validation: dict[str, float] | None = None
     grid: str | None = None
     grid_step: int | None = None
+    video: str | None = None
     license: str = DEFAULT_LICENSE
 
 
@@ -146,7 +148,7 @@ def front_matter(tokenizer: Tokenizer, info: CardInfo) -> str:
     """The YAML header: license, library_name, tags, metric names and a model-index of the values."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    tags = [LIBRARY_NAME, "visual-tokenizer", "image-tokenizer", tokenizer.model_type,
+    tags = [LIBRARY_NAME, "visual-tokenizer", f"{tokenizer.input_kind}-tokenizer", tokenizer.model_type,
             "discrete-tokens" if tokenizer.codebook_size else "continuous-tokens"]
     results, names = [], []
     for entry in info.metrics:
@@ -260,16 +262,27 @@ def _evaluation_section(info: CardInfo) -> list[str]:
     return lines
 
 
+def _input_text(tokenizer: Tokenizer) -> str:
+    """'a 256 x 256 image', or 'a clip of 16 frames of 256 x 256' for video tokenizers."""
+    size = getattr(tokenizer, "image_size", None)
+    if tokenizer.input_kind == "video":
+        frames = getattr(tokenizer, "num_frames", None)
+        return f"a clip of {frames or 'T'} frames" + (f" of {size} x {size}" if size else "")
+    return f"a {size} x {size} image" if size else "an image"
+
+
 def _usage_section(tokenizer: Tokenizer, info: CardInfo) -> list[str]:
     size = getattr(tokenizer, "image_size", None) or 256
     k = getattr(tokenizer, "num_tokens", "K")
     location = info.repo_id or "path/to/this/folder"
+    shape = (f"4, {getattr(tokenizer, 'num_frames', 16)}, 3, {size}, {size}" if tokenizer.input_kind == "video"
+             else f"4, 3, {size}, {size}")
     code = [
         "import torch",
         "from tokenizers_vis import load_tokenizer",
         "",
         f'tokenizer = load_tokenizer("{location}")  # a Hub id or a local folder; eval mode',
-        f"images = torch.rand(4, 3, {size}, {size})  # RGB in [0, 1]",
+        f"images = torch.rand({shape})  # RGB in [0, 1]",
         "with torch.no_grad():",
         "    encoded = tokenizer.encode(images)",
     ]
@@ -287,9 +300,8 @@ def render_model_card(tokenizer: Tokenizer, info: CardInfo | None = None) -> str
     info = info or CardInfo()
     kind = (f"{tokenizer.codebook_size}-entry codebook" if tokenizer.codebook_size
             else "continuous tokens")
-    size = getattr(tokenizer, "image_size", None)
     intro = (f"A `{tokenizer.model_type}` visual tokenizer trained with `tokenizers_vis`: it turns "
-             f"{f'a {size} x {size} image' if size else 'an image'} into "
+             f"{_input_text(tokenizer)} into "
              f"{getattr(tokenizer, 'num_tokens', 'a sequence of')} tokens ({kind}) and decodes them back to pixels.")
     lines = ["---", front_matter(tokenizer, info).rstrip("\n"), "---", "", f"# {model_title(tokenizer, info)}", "",
              intro, ""]
@@ -300,6 +312,9 @@ def render_model_card(tokenizer: Tokenizer, info: CardInfo | None = None) -> str
         when = f" at step {info.grid_step:,}" if info.grid_step is not None else ""
         lines += ["## Sample reconstructions", "", "Validation images (top row) and their reconstructions "
                   f"(bottom row), logged during training{when}.", "", f"![reconstructions]({info.grid})", ""]
+    if info.video:
+        lines += [f"[`{info.video}`]({info.video}): validation clips with their reconstructions below, as a "
+                  "video.", ""]
     lines += _usage_section(tokenizer, info)
     lines += ["## License", "", f"The weights are released under `{info.license}`. The terms of the training "
               "data may also apply.", ""]

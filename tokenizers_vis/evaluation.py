@@ -497,20 +497,38 @@ def _demo_val_shards(demo_dir: str, processes: Processes, video: bool = False) -
     return pattern
 
 
-def expected_images(source: Any, max_images: int | None, rank: int = 0, world_size: int = 1) -> int | None:
+def expected_images(source: Any, max_images: int | None, rank: int = 0, world_size: int = 1,
+                    list_files: Callable[[Path], list] | None = None) -> int | None:
     """This rank's image count when it is known without reading the data (a folder of image
-    files); for shards, this rank's share of `max_images` as an upper bound, else None."""
-    from tokenizers_vis.data.pipeline import list_image_files
+    files); for shards, this rank's share of `max_images` as an upper bound, else None.
+    `list_files` (default `list_image_files`) lets video evaluation count video files."""
+    if list_files is None:
+        from tokenizers_vis.data.pipeline import list_image_files as list_files
 
     n = None
     if isinstance(source, (str, Path)) and Path(source).expanduser().is_dir():
         folder = Path(source).expanduser()
         if not any(folder.glob("*.tar")):
-            n = len(list_image_files(folder))
+            n = len(list_files(folder))
     if n is None and max_images is None:
         return None
     n = max_images if n is None else (n if max_images is None else min(n, max_images))
     return len(range(rank, n, world_size))
+
+
+def metrics_factory_from_cfg(cfg: Mapping, codebook_size: int | None) -> tuple[MetricsFactory, dict[str, str]]:
+    """`metrics_factory` with the metric switches and weights of an eval config (conf/eval.yaml);
+    the image and video commands read them the same way."""
+    return metrics_factory(
+        codebook_size,
+        fid=bool(cfg.get("fid", True)),
+        lpips=bool(cfg.get("lpips", True)),
+        inception_weights=cfg.get("inception_weights"),
+        lpips_weights=cfg.get("lpips_weights"),
+        strict_fid=bool(cfg.get("strict_fid", False)),
+        strict_lpips=bool(cfg.get("strict_lpips", False)),
+        download=bool(cfg.get("download", True)),
+    )
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -530,16 +548,7 @@ def run_evaluation(cfg: Mapping, conf_dir: str | os.PathLike | None = None) -> d
         tokenizer = load_tokenizer(str(cfg.tokenizer), use_ema=bool(cfg.get("use_ema", True)))
         tokenizer = tokenizer.to(processes.device)
         counts = token_counts(cfg.get("tokens"), tokenizer)  # fail before any heavy setup
-        factory, notes = metrics_factory(
-            tokenizer.codebook_size,
-            fid=bool(cfg.get("fid", True)),
-            lpips=bool(cfg.get("lpips", True)),
-            inception_weights=cfg.get("inception_weights"),
-            lpips_weights=cfg.get("lpips_weights"),
-            strict_fid=bool(cfg.get("strict_fid", False)),
-            strict_lpips=bool(cfg.get("strict_lpips", False)),
-            download=bool(cfg.get("download", True)),
-        )
+        factory, notes = metrics_factory_from_cfg(cfg, tokenizer.codebook_size)
         resolution = int(cfg.get("resolution") or tokenizer.image_size)
         source = resolve_data_source(str(cfg.data_source), conf_dir, cfg.get("paths"), processes)
         max_images = cfg.get("max_images")

@@ -42,7 +42,8 @@ from tokenizers_vis.models.loading import (
 
 CARD_NAME = "README.md"
 GRID_NAME = "reconstructions.png"
-EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, GRID_NAME)
+VIDEO_NAME = "reconstructions.mp4"  # video tokenizers: the run's clip grid (originals above, reconstructions below)
+EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, GRID_NAME, VIDEO_NAME)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
@@ -128,12 +129,12 @@ def checkpoint_step(checkpoint: dict[str, Any]) -> int | None:
     return int(checkpoint["global_step"]) if "global_step" in checkpoint else None
 
 
-def find_grid(run_dir: Path | None, step: int | None) -> Path | None:
-    """The reconstruction grid logged at `step`, else the newest one."""
-    grids = sorted(run_dir.glob("reconstructions/step_*.png")) if run_dir else []
+def find_grid(run_dir: Path | None, step: int | None, suffix: str = ".png") -> Path | None:
+    """The reconstruction grid (`.png`, or `.mp4` for video) logged at `step`, else the newest one."""
+    grids = sorted(run_dir.glob(f"reconstructions/step_*{suffix}")) if run_dir else []
     if not grids:
         return None
-    exact = run_dir / "reconstructions" / f"step_{step:07d}.png" if step is not None else None
+    exact = run_dir / "reconstructions" / f"step_{step:07d}{suffix}" if step is not None else None
     return exact if exact is not None and exact.is_file() else grids[-1]
 
 
@@ -193,6 +194,7 @@ def export_checkpoint(
     # The end-of-training validation describes the final weights only.
     validation = summary.get("val_after") if step is not None and summary.get("steps") == step else None
     grid = find_grid(run_dir, step)
+    video = find_grid(run_dir, step, ".mp4") if tokenizer.input_kind == "video" else None
     metrics = find_metrics(run_dir, metrics_files)
 
     _prepare_out_dir(out_dir)
@@ -200,14 +202,16 @@ def export_checkpoint(
         "_tokenizers_vis_version": tokenizers_vis.__version__, "_weights": weights.lower(), "_step": step,
     })
     _verify(out_dir, tokenizer)
-    if grid is not None:
-        shutil.copyfile(grid, out_dir / GRID_NAME)
-    else:
-        (out_dir / GRID_NAME).unlink(missing_ok=True)  # a grid left by an earlier export of another run
+    for source, name in ((grid, GRID_NAME), (video, VIDEO_NAME)):
+        if source is not None:
+            shutil.copyfile(source, out_dir / name)
+        else:
+            (out_dir / name).unlink(missing_ok=True)  # left by an earlier export of another run
     info = CardInfo(
         repo_id=repo_id, weights=weights, experiment=experiment, run_config=run_config, step=step,
         metrics=metrics, validation=validation,
         grid=GRID_NAME if grid is not None else None, grid_step=_grid_step(grid) if grid is not None else None,
+        video=VIDEO_NAME if video is not None else None,
         license=license,
     )
     (out_dir / CARD_NAME).write_text(render_model_card(tokenizer, info))

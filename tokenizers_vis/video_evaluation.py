@@ -34,8 +34,9 @@ from tokenizers_vis.evaluation import (
     _compose_data_preset,
     _module_device,
     _rank,
+    expected_images,
     json_ready,
-    metrics_factory,
+    metrics_factory_from_cfg,
     resolve_data_source,
     setup_processes,
     token_counts,
@@ -202,15 +203,8 @@ def _plain(value: Any) -> Any:
 def _video_count(source: Any, max_videos: int | None, rank: int, world_size: int) -> int | None:
     from tokenizers_vis.data.video import list_video_files
 
-    n = None
-    if isinstance(source, (str, Path)) and Path(source).expanduser().is_dir():
-        folder = Path(source).expanduser()
-        if not any(folder.glob("*.tar")):
-            n = len(list_video_files(folder))
-    if n is None and max_videos is None:
-        return None
-    n = max_videos if n is None else (n if max_videos is None else min(n, max_videos))
-    return len(range(rank, n, world_size))
+    # The image count's rule, over video files.
+    return expected_images(source, max_videos, rank, world_size, list_files=list_video_files)
 
 
 def fvd_metric(frames: int, enabled: bool = True, i3d_weights: str | os.PathLike | None = None,
@@ -254,16 +248,7 @@ def run_video_evaluation(cfg: Mapping, conf_dir: str | os.PathLike | None = None
             raise ValueError("tokens= with fewer tokens than the full count is measured on images only; "
                              "drop `tokens` for video data")
         frames, fps = video_clip_settings(cfg, conf_dir)
-        factory, notes = metrics_factory(
-            tokenizer.codebook_size,
-            fid=bool(cfg.get("fid", True)),
-            lpips=bool(cfg.get("lpips", True)),
-            inception_weights=cfg.get("inception_weights"),
-            lpips_weights=cfg.get("lpips_weights"),
-            strict_fid=bool(cfg.get("strict_fid", False)),
-            strict_lpips=bool(cfg.get("strict_lpips", False)),
-            download=bool(cfg.get("download", True)),
-        )
+        factory, notes = metrics_factory_from_cfg(cfg, tokenizer.codebook_size)
         fvd = fvd_metric(frames, bool(cfg.get("fvd", True)), cfg.get("i3d_weights"),
                          bool(cfg.get("strict_fvd", False)), notes)
         metrics = VideoReconstructionMetrics(factory(), fvd)

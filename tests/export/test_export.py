@@ -226,3 +226,26 @@ def test_metrics_option_adds_a_metrics_file_from_elsewhere(tiny_checkpoint, tmp_
     assert not (tmp_path / "missing").exists()
     assert main([str(tiny_checkpoint), str(tmp_path / "out"), "--metrics", str(metrics)]) == 0
     assert "| coco/val-*.tar | 32 | 100 | – | 3.21 | 18.00 |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_video_tokenizer_exports_its_reconstruction_video_and_says_so(tiny_configs, checkpoint_writer, tmp_path):
+    run = tmp_path / "run"
+    checkpoint_writer(run / "checkpoints" / "last.ckpt", tiny_configs["divot"])
+    (run / "reconstructions").mkdir()
+    for step in (5, 7):
+        (run / "reconstructions" / f"step_{step:07d}.png").write_bytes(f"png {step}".encode())
+        (run / "reconstructions" / f"step_{step:07d}.mp4").write_bytes(f"mp4 {step}".encode())
+    export_checkpoint(run, tmp_path / "out")
+    assert (tmp_path / "out" / "reconstructions.mp4").read_bytes() == b"mp4 7"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "video-tokenizer" in card and "image-tokenizer" not in card
+    assert "a clip of 1 frames of 32 x 32" in card and "torch.rand(4, 1, 3, 32, 32)" in card
+    assert "[`reconstructions.mp4`](reconstructions.mp4)" in card
+    # An image tokenizer's export carries no video, even when its run folder holds one.
+    image_run = tmp_path / "image_run"
+    checkpoint_writer(image_run / "checkpoints" / "last.ckpt", tiny_configs["titok_vq"])
+    (image_run / "reconstructions").mkdir()
+    (image_run / "reconstructions" / "step_0000007.mp4").write_bytes(b"mp4")
+    export_checkpoint(image_run, tmp_path / "image_out")
+    assert not (tmp_path / "image_out" / "reconstructions.mp4").exists()
+    assert "image-tokenizer" in (tmp_path / "image_out" / "README.md").read_text()

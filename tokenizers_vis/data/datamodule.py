@@ -238,9 +238,10 @@ class ImageDataModule(L.LightningDataModule):
         self._loaded_state = dict(state_dict)
 
 
-class DemoDataModule(ImageDataModule):
-    """`ImageDataModule` over the demo shards in `demo_dir`, built there on first use (rank 0,
-    before any process reads them), so `python train.py experiment=demo` works on a fresh clone."""
+class DemoShardsMixin:
+    """The part the image and video demo modules share (listed first among the bases): shards in
+    `demo_dir`, built there by `_ensure_demo_shards` on first use (rank 0, before any process
+    reads them)."""
 
     def __init__(self, demo_dir: str, **kwargs: Any):
         self.demo_dir = demo_dir
@@ -256,6 +257,17 @@ class DemoDataModule(ImageDataModule):
             resolve_shards(self.train_shards)
             resolve_shards(self.val_shards)
         except FileNotFoundError:
-            from tokenizers_vis.data.demo import ensure_demo_shards
+            self._ensure_demo_shards()
 
-            ensure_demo_shards(self.demo_dir)
+    def _ensure_demo_shards(self) -> None:
+        raise NotImplementedError
+
+
+class DemoDataModule(DemoShardsMixin, ImageDataModule):
+    """`ImageDataModule` over the demo shards in `demo_dir`, built there on first use (rank 0,
+    before any process reads them), so `python train.py experiment=demo` works on a fresh clone."""
+
+    def _ensure_demo_shards(self) -> None:
+        from tokenizers_vis.data.demo import ensure_demo_shards
+
+        ensure_demo_shards(self.demo_dir)

@@ -18,7 +18,9 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -145,26 +147,56 @@ def build_demo_shards(
     params = dict(
         num_train=num_train, num_val=num_val, size=size, shard_size=shard_size, seed=seed, min_scale=min_scale
     )
+    written = _write_splits(
+        out_dir, {"train": num_train, "val": num_val}, shard_size,
+        lambda split, count: _samples(sources, classes, split, count, size, seed, min_scale),
+    )
+    manifest = {"params": params, "classes": classes, "captions": True, **written}
+    (out_dir / "classes.json").write_text(json.dumps(classes, indent=1))
+    (out_dir / VOCAB_NAME).write_text("\n".join(caption_vocabulary()) + "\n")
+    _write_manifest(out_dir, MANIFEST, manifest)
+    return _describe(out_dir, manifest)
+
+
+# The build steps below are shared with demo_video.py.
+def _write_splits(out_dir: Path, counts: dict[str, int], shard_size: int,
+                  samples: Callable[[str, int], Iterable[dict]]) -> dict[str, list[str]]:
+    """Write each split's shards (`samples(split, count)`) in a private folder and move them into
+    `out_dir`, dropping stale shards of an earlier, larger build. Returns {split: [file names]}."""
     staging = out_dir / f".build-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         written = {}
-        for split, count in (("train", num_train), ("val", num_val)):
-            samples = _samples(sources, classes, split, count, size, seed, min_scale)
-            paths = write_shards(samples, staging, split, shard_size)
+        for split, count in counts.items():
+            paths = write_shards(samples(split, count), staging, split, shard_size)
             for path in paths:
                 os.replace(path, out_dir / path.name)
             remove_stale_shards(out_dir, split, keep=len(paths))
             written[split] = [path.name for path in paths]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest = {"params": params, "classes": classes, "captions": True, **written}
-    (out_dir / "classes.json").write_text(json.dumps(classes, indent=1))
-    (out_dir / VOCAB_NAME).write_text("\n".join(caption_vocabulary()) + "\n")
-    tmp = out_dir / f".{MANIFEST}.{os.getpid()}"
+    return written
+
+
+def _write_manifest(out_dir: Path, name: str, manifest: dict) -> None:
+    # Written last and atomically: its presence means the set is complete.
+    tmp = out_dir / f".{name}.{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_dir / MANIFEST)
-    return _describe(out_dir, manifest)
+    os.replace(tmp, out_dir / name)
+
+
+def _complete_manifest(out_dir: Path, name: str, params: dict,
+                       ready: Callable[[dict], Any] = lambda manifest: True) -> dict | None:
+    """The manifest `name` in `out_dir` if it was built with `params`, `ready(manifest)` holds and
+    all its shards are there; else None (missing or unreadable counts as incomplete)."""
+    try:
+        manifest = json.loads((out_dir / name).read_text())
+        complete = ready(manifest) and manifest["params"] == params and all(
+            (out_dir / file).is_file() for file in manifest["train"] + manifest["val"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        complete = False
+    return manifest if complete else None
 
 
 def _describe(out_dir: Path, manifest: dict) -> dict:
@@ -190,16 +222,11 @@ def ensure_demo_shards(
     params = dict(
         num_train=num_train, num_val=num_val, size=size, shard_size=shard_size, seed=seed, min_scale=min_scale
     )
-    try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
-        # Sets built before captions ("txt") were written are rebuilt once.
-        captioned = manifest.get("captions", False) and (out_dir / VOCAB_NAME).is_file()
-        complete = manifest["params"] == params and captioned and all(
-            (out_dir / name).is_file() for name in manifest["train"] + manifest["val"]
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        complete = False
-    if complete:
+    # Sets built before captions ("txt") were written are rebuilt once.
+    manifest = _complete_manifest(
+        out_dir, MANIFEST, params, lambda m: m.get("captions", False) and (out_dir / VOCAB_NAME).is_file()
+    )
+    if manifest is not None:
         return _describe(out_dir, manifest)
     return build_demo_shards(out_dir, **params)
 

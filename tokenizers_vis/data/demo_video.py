@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from tokenizers_vis.data.demo import FACES, _load_sources
-from tokenizers_vis.data.shards import brace_pattern, remove_stale_shards, write_shards
+# The build, manifest and describe steps are the image demo's (same layout, other samples).
+from tokenizers_vis.data.demo import FACES, _complete_manifest, _describe, _load_sources, _write_manifest, _write_splits
 from tokenizers_vis.data.video import encode_video
 
 MANIFEST = "demo_video.json"
@@ -101,32 +99,13 @@ def build_demo_video_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     photos = {name: Image.fromarray(arrays[0]) for name, arrays in _load_sources().items() if name != FACES}
     params = _params(num_train, num_val, size, num_frames, fps, shard_size, seed)
-    staging = out_dir / f".build-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        written = {}
-        for split, count in (("train", num_train), ("val", num_val)):
-            paths = write_shards(_samples(photos, split, count, size, num_frames, fps, seed), staging, split,
-                                 shard_size)
-            for path in paths:
-                os.replace(path, out_dir / path.name)
-            remove_stale_shards(out_dir, split, keep=len(paths))
-            written[split] = [path.name for path in paths]
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    written = _write_splits(
+        out_dir, {"train": num_train, "val": num_val}, shard_size,
+        lambda split, count: _samples(photos, split, count, size, num_frames, fps, seed),
+    )
     manifest = {"params": params, "photos": sorted(photos), **written}
-    tmp = out_dir / f".{MANIFEST}.{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_dir / MANIFEST)
+    _write_manifest(out_dir, MANIFEST, manifest)
     return _describe(out_dir, manifest)
-
-
-def _describe(out_dir: Path, manifest: dict) -> dict:
-    info = dict(manifest)
-    for split in ("train", "val"):
-        info[split] = [str(out_dir / name) for name in manifest[split]]
-        info[f"{split}_pattern"] = brace_pattern(out_dir, split, len(manifest[split]))
-    return info
 
 
 def ensure_demo_video_shards(
@@ -142,13 +121,8 @@ def ensure_demo_video_shards(
     """`build_demo_video_shards` with these arguments, unless a build with the same ones is there."""
     out_dir = Path(out_dir)
     params = _params(num_train, num_val, size, num_frames, fps, shard_size, seed)
-    try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
-        complete = manifest["params"] == params and all(
-            (out_dir / name).is_file() for name in manifest["train"] + manifest["val"])
-    except (OSError, ValueError, KeyError, TypeError):
-        complete = False
-    if complete:
+    manifest = _complete_manifest(out_dir, MANIFEST, params)
+    if manifest is not None:
         return _describe(out_dir, manifest)
     return build_demo_video_shards(out_dir, **params)
 

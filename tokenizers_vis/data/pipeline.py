@@ -224,13 +224,14 @@ def _describe(sample: dict) -> str:
     return f"{sample.get('__key__')!r} in {sample.get('__url__')}"
 
 
-def list_image_files(root: str | Path) -> list[Path]:
-    """Image files under `root`, recursively, sorted by relative path; hidden ones left out."""
+def list_image_files(root: str | Path, suffixes: Sequence[str] = IMAGE_FILE_SUFFIXES) -> list[Path]:
+    """Image files under `root`, recursively, sorted by relative path; hidden ones left out.
+    `suffixes` (lower case) lets video.py list its files with the same walk."""
     root = Path(root)
     files = []
     for path in root.rglob("*"):
         rel = path.relative_to(root)
-        if path.suffix.lower() in IMAGE_FILE_SUFFIXES and not any(part.startswith(".") for part in rel.parts):
+        if path.suffix.lower() in suffixes and not any(part.startswith(".") for part in rel.parts):
             if path.is_file():
                 files.append((rel.as_posix(), path))
     return [path for _, path in sorted(files)]
@@ -393,15 +394,21 @@ class EvalStream(IterableDataset):
             self.urls, self.root, self.files = resolve_shards(source), None, None
         else:
             self.root = Path(source).expanduser()
-            self.urls, self.files = None, list_image_files(self.root)
+            self.urls, self.files = None, self._list_files(self.root)
             if not self.files:
-                raise FileNotFoundError(f"no image files under {str(source)!r}")
+                raise FileNotFoundError(f"no {self._FILES} under {str(source)!r}")
         self.resolution = resolution
         self.tally = tally
         self.max_images = max_images
         self.rank = rank
         self.world_size = world_size
         self.interpolation = interpolation
+
+    # What a folder source holds (VideoEvalStream lists video files instead).
+    _FILES = "image files"
+
+    def _list_files(self, root: Path) -> list[Path]:
+        return list_image_files(root)
 
     def _select(self, items: Iterable) -> Iterator:
         worker, num_workers = _worker()

@@ -9,8 +9,10 @@ from __future__ import annotations
 import glob
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import braceexpand
 import webdataset as wds
@@ -76,6 +78,46 @@ def write_shards(
             writer.close()
     remove_stale_shards(out_dir, prefix, keep=len(paths))
     return paths
+
+
+def write_encoded_shards(
+    encode: Callable[[Any], tuple[Any, str | None]],
+    jobs: Sequence,
+    workers: int,
+    out_dir: str | Path,
+    prefix: str,
+    shard_size: int,
+    kind: str,
+    unit: str,
+    chunksize: int = 1,
+) -> tuple[list[Path], int, list[str]]:
+    """The shared loop of data/make_shards.py and data/make_video_shards.py: `encode(job)` gives
+    (sample, None) or (None, error); run in a pool of `workers` processes when > 1 (`chunksize`
+    jobs at a time), with a progress bar. Unreadable inputs are warned about ("skipping
+    unreadable {kind}") and left out. Returns (shard paths, samples written, errors skipped)."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    skipped: list[str] = []
+    written = 0
+
+    def samples(results):
+        nonlocal written
+        for sample, error in tqdm(results, total=len(jobs), unit=unit, file=sys.stderr):
+            if error is not None:
+                skipped.append(error)
+                tqdm.write(f"warning: skipping unreadable {kind} {error}", file=sys.stderr)
+                continue
+            written += 1
+            yield sample
+
+    if workers > 1:
+        with multiprocessing.Pool(workers) as pool:
+            paths = write_shards(samples(pool.imap(encode, jobs, chunksize=chunksize)), out_dir, prefix, shard_size)
+    else:
+        paths = write_shards(samples(map(encode, jobs)), out_dir, prefix, shard_size)
+    return paths, written, skipped
 
 
 def remove_stale_shards(out_dir: str | Path, prefix: str, keep: int) -> None:

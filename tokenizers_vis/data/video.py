@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset
 from torchvision.transforms.v2 import functional as F
 
 from tokenizers_vis.data.pipeline import (
@@ -44,6 +43,7 @@ from tokenizers_vis.data.pipeline import (
     TrainStream,
     _describe,
     _is_tar_source,
+    list_image_files,
 )
 from tokenizers_vis.data.shards import resolve_shards
 from tokenizers_vis.data.transforms import interpolation_mode
@@ -291,14 +291,7 @@ def clip_to_frames(clip: torch.Tensor) -> np.ndarray:
 # -- sources -----------------------------------------------------------------------------------
 def list_video_files(root: str | Path) -> list[Path]:
     """Video files under `root`, recursively, sorted by relative path; hidden ones left out."""
-    root = Path(root)
-    files = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if path.suffix.lower() in VIDEO_FILE_SUFFIXES and not any(p.startswith(".") for p in rel.parts):
-            if path.is_file():
-                files.append((rel.as_posix(), path))
-    return [path for _, path in sorted(files)]
+    return list_image_files(root, VIDEO_FILE_SUFFIXES)  # the same walk, other suffixes
 
 
 def is_video_source(source: str | Path | Sequence[str]) -> bool:
@@ -359,24 +352,14 @@ class VideoEvalStream(EvalStream):
     def __init__(self, source: str | Path | Sequence[str], resolution: int, tally: SkipTally, frames: int,
                  fps: float | None, max_videos: int | None = None, rank: int = 0, world_size: int = 1,
                  interpolation: str = "bicubic"):
-        IterableDataset.__init__(self)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        if _is_tar_source(source):
-            self.urls, self.root, self.files = resolve_shards(source), None, None
-        else:
-            self.root = Path(source).expanduser()
-            self.urls, self.files = None, list_video_files(self.root)
-            if not self.files:
-                raise FileNotFoundError(f"no video files ({', '.join(VIDEO_FILE_SUFFIXES)}) under {str(source)!r}")
-        self.resolution = resolution
-        self.tally = tally
-        self.max_images = max_videos
-        self.rank = rank
-        self.world_size = world_size
-        self.interpolation = interpolation
+        super().__init__(source, resolution, tally, max_videos, rank, world_size, interpolation)
         self.frames = frames
         self.fps = fps
+
+    _FILES = f"video files ({', '.join(VIDEO_FILE_SUFFIXES)})"
+
+    def _list_files(self, root: Path) -> list[Path]:
+        return list_video_files(root)
 
     def _read_file(self, path: Path) -> dict:
         sample = {"__key__": path.relative_to(self.root).with_suffix("").as_posix(), "__url__": str(path),

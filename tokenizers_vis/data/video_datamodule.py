@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from tokenizers_vis.data.datamodule import ImageDataModule
-from tokenizers_vis.data.shards import resolve_shards
+from tokenizers_vis.data.datamodule import DemoShardsMixin, ImageDataModule
 from tokenizers_vis.data.video import make_video_eval_loader, make_video_train_loader
 
 
@@ -75,24 +73,11 @@ class VideoDataModule(ImageDataModule):
         )
 
 
-class DemoVideoDataModule(VideoDataModule):
+class DemoVideoDataModule(DemoShardsMixin, VideoDataModule):
     """`VideoDataModule` over the demo video shards in `demo_dir` (pans and zooms over the demo
     photos), built there on first use, so `data=demo_video` works on a fresh clone."""
 
-    def __init__(self, demo_dir: str, **kwargs: Any):
-        self.demo_dir = demo_dir
-        kwargs.setdefault("train_shards", f"{demo_dir}/train-*.tar")
-        kwargs.setdefault("val_shards", f"{demo_dir}/val-*.tar")
-        super().__init__(**kwargs)
+    def _ensure_demo_shards(self) -> None:
+        from tokenizers_vis.data.demo_video import ensure_demo_video_shards
 
-    def check_sources(self) -> None:
-        """Nothing to check early: `prepare_data` builds whatever demo shards are missing."""
-
-    def prepare_data(self) -> None:
-        try:
-            resolve_shards(self.train_shards)
-            resolve_shards(self.val_shards)
-        except FileNotFoundError:
-            from tokenizers_vis.data.demo_video import ensure_demo_video_shards
-
-            ensure_demo_video_shards(self.demo_dir)
+        ensure_demo_video_shards(self.demo_dir)
