@@ -52,3 +52,32 @@ def compose_train(overrides: list[str], output_dir: Path | str, data_dir: Path |
         base.append(f"paths.data_dir={data_dir}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train.yaml", overrides=base + list(overrides))
+
+
+# -- subprocess training runs (resume and preemption tests) -------------------------------------------
+def wait_for_checkpoint(run_dir: Path, process, step: int) -> None:
+    """Until step_<k>.ckpt exists for some k >= step (the file appears complete: atomic writes)."""
+    import time
+
+    deadline = time.monotonic() + 600
+    while not any(int(p.stem.split("_")[1]) >= step for p in (run_dir / "checkpoints").glob("step_*.ckpt")):
+        assert process.poll() is None, process.communicate()[0][-4000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def final_state(run_dir: Path, logged) -> tuple[dict, dict]:
+    """last.ckpt of a run, and its logged values of the `logged` keys by step (each step once)."""
+    import csv
+
+    import torch
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    losses: dict[int, dict[str, float]] = {}
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row.get("loss/total"):
+                step = int(row["step"])
+                assert step not in losses, f"step {step} logged twice"
+                losses[step] = {k: float(row[k]) for k in logged if row.get(k)}
+    return checkpoint, losses

@@ -10,7 +10,6 @@
   own handlers write no `hpc_ckpt_*.ckpt`.
 """
 
-import csv
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT, compose_train
+from helpers import REPO_ROOT, compose_train, final_state, wait_for_checkpoint
 
 from tokenizers_vis.losses import ReconstructionObjective
 from tokenizers_vis.training.checkpoint import is_complete_checkpoint, requeue_slurm_job
@@ -104,31 +103,11 @@ def live_processes(group: int) -> list[int]:
     return live
 
 
-def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, step: int) -> None:
-    deadline = time.monotonic() + 600
-    while not any(int(p.stem.split("_")[1]) >= step for p in (run_dir / "checkpoints").glob("step_*.ckpt")):
-        assert process.poll() is None, process.communicate()[0][-4000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
-def final_state(run_dir: Path) -> tuple[dict, dict]:
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    losses: dict[int, dict[str, float]] = {}
-    with open(run_dir / "logs" / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            if row.get("loss/total"):
-                step = int(row["step"])
-                assert step not in losses, f"step {step} logged twice"
-                losses[step] = {k: float(row[k]) for k in LOGGED if row.get(k)}
-    return checkpoint, losses
-
-
 @pytest.fixture(scope="module")
 def reference(demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     finish(train(root / "run", demo_data, root / "exits", f"trainer.max_steps={2 * N}"), expect=0)
-    return final_state(root / "run")
+    return final_state(root / "run", LOGGED)
 
 
 @pytest.mark.slow
@@ -164,7 +143,7 @@ def test_sigterm_to_every_rank_saves_once_and_resumes_exactly(demo_data, tmp_pat
     finish(train(run_dir, demo_data, resume_exits, "ckpt_path=last", f"trainer.max_steps={2 * N}"), expect=0)
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == str(checkpoints / "last.ckpt")
 
-    (expected, expected_losses), (checkpoint, losses) = reference, final_state(run_dir)
+    (expected, expected_losses), (checkpoint, losses) = reference, final_state(run_dir, LOGGED)
     assert checkpoint["global_step"] == 2 * N and int(checkpoint["state_dict"]["step"]) == 2 * N
     assert checkpoint["state_dict"].keys() == expected["state_dict"].keys()
     for name, value in expected["state_dict"].items():

@@ -5,17 +5,15 @@ With the demo webdataset shards, 2 loader workers, the GAN from step 2, an objec
 the RNG every step (`NoisyObjective`), validation and image logging between steps, and a checkpoint
 every step."""
 
-import csv
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, final_state, wait_for_checkpoint
 
 from tokenizers_vis.losses import ReconstructionObjective
 from tokenizers_vis.models.base import batch_pixels
@@ -61,36 +59,15 @@ def finish(process: subprocess.Popen, expect: int = 0) -> str:
     return output
 
 
-def wait_for_checkpoint(run_dir, process: subprocess.Popen, step: int) -> None:
-    """Until step_<k>.ckpt exists for some k >= step (the file appears complete: atomic writes)."""
-    deadline = time.monotonic() + 600
-    while not any(int(p.stem.split("_")[1]) >= step for p in (run_dir / "checkpoints").glob("step_*.ckpt")):
-        assert process.poll() is None, process.communicate()[0][-4000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
-def final_state(run_dir) -> tuple[dict, dict]:
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    losses: dict[int, dict[str, float]] = {}
-    with open(run_dir / "logs" / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            if row.get("loss/total"):
-                step = int(row["step"])
-                assert step not in losses, f"step {step} logged twice"
-                losses[step] = {k: float(row[k]) for k in LOGGED if row.get(k)}
-    return checkpoint, losses
-
-
 @pytest.fixture(scope="module")
 def reference(demo_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
     finish(train(run_dir, demo_data, f"trainer.max_steps={2 * N}"))
-    return final_state(run_dir)
+    return final_state(run_dir, LOGGED)
 
 
 def assert_same_run(run_dir, reference) -> None:
-    (expected, expected_losses), (checkpoint, losses) = reference, final_state(run_dir)
+    (expected, expected_losses), (checkpoint, losses) = reference, final_state(run_dir, LOGGED)
     assert checkpoint["global_step"] == 2 * N and int(checkpoint["state_dict"]["step"]) == 2 * N
     assert checkpoint["state_dict"].keys() == expected["state_dict"].keys()
     for name, value in expected["state_dict"].items():

@@ -240,8 +240,8 @@ class ImageDataModule(L.LightningDataModule):
 
 class DemoShardsMixin:
     """The part the image and video demo modules share (listed first among the bases): shards in
-    `demo_dir`, built there by `_ensure_demo_shards` on first use (rank 0, before any process
-    reads them)."""
+    `demo_dir`, built there on first use (rank 0, before any process reads them) by the
+    `_ensure_demo_shards()` each demo module defines."""
 
     def __init__(self, demo_dir: str, **kwargs: Any):
         self.demo_dir = demo_dir
@@ -258,9 +258,6 @@ class DemoShardsMixin:
             resolve_shards(self.val_shards)
         except FileNotFoundError:
             self._ensure_demo_shards()
-
-    def _ensure_demo_shards(self) -> None:
-        raise NotImplementedError
 
 
 class DemoDataModule(DemoShardsMixin, ImageDataModule):

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from tokenizers_vis.models.divot import RELEASED_FRAME_VIT, Divot
-from tokenizers_vis.models.official import OfficialFormat, register_official_format
+from tokenizers_vis.models.official import OfficialFormat, link_released_file, register_official_format
 from tokenizers_vis.nn.weights import read_state_file
 
 ARGS_NAME = "official_args.json"
@@ -386,22 +386,11 @@ def released_folder(cache_dir: str | os.PathLike) -> Path:
     """Fetch the released `TencentARC/Divot` tokenizer and stage-1 de-tokenizer (network or a Hub
     cache) into an official-layout folder under `cache_dir`, with `RELEASED_ARGS`. The frame ViT
     then comes from open_clip's laion2b ViT-H/14 when the file lacks it."""
-    from huggingface_hub import hf_hub_download
-
     folder = Path(cache_dir) / "divot"
     folder.mkdir(parents=True, exist_ok=True)
     for name in (TOKENIZER_NAME, DETOKENIZER_NAME):
-        try:
-            weights = Path(hf_hub_download(RELEASED_REPO, name))
-        except Exception as err:  # offline / missing: say what to do
-            raise OSError(f"could not download {RELEASED_REPO}/{name} ({err}). Download it where there is network "
-                          f"(`hf download {RELEASED_REPO} {name} --local-dir DIR`) and load DIR after writing "
-                          f"DIR/{ARGS_NAME} (divot_official.RELEASED_ARGS).") from err
-        target = folder / name
-        if target.is_symlink() and not target.exists():  # a stale link to an emptied cache
-            target.unlink()
-        if not target.exists():
-            target.symlink_to(weights)
+        link_released_file(RELEASED_REPO, name, folder,
+                           f"and load DIR after writing DIR/{ARGS_NAME} (divot_official.RELEASED_ARGS).")
     (folder / ARGS_NAME).write_text(json.dumps(RELEASED_ARGS, indent=1))
     return folder
 

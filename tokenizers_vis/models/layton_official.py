@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from tokenizers_vis.models.layton import LORA_TARGETS, SDXL_SCHEDULER, Layton
-from tokenizers_vis.models.official import OfficialFormat, register_official_format
+from tokenizers_vis.models.official import OfficialFormat, link_released_file, register_official_format
 from tokenizers_vis.nn.weights import read_state_file
 
 ARGS_NAME = "official_args.json"
@@ -243,22 +243,11 @@ def save_official_layton(model: Layton, directory: str | os.PathLike, args: Mapp
 def released_folder(cache_dir: str | os.PathLike) -> Path:
     """Fetch `OPPOer/LaCTok`'s LaCTok-T.pth (needs network or a Hub cache) into an official-layout
     folder under `cache_dir`, with the released sizes as its official_args.json."""
-    from huggingface_hub import hf_hub_download
-
     folder = Path(cache_dir) / "LaCTok-T"
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        weights = Path(hf_hub_download(RELEASED_REPO, WEIGHTS_NAME))
-    except Exception as err:  # offline / missing: say what to do
-        raise OSError(f"could not download {RELEASED_REPO}/{WEIGHTS_NAME} ({err}). Download it where there is "
-                      f"network (`hf download {RELEASED_REPO} {WEIGHTS_NAME} --local-dir DIR`), write DIR/{ARGS_NAME} "
-                      f"(tokenizers_vis.models.layton_official.RELEASED_ARGS) and pass DIR instead.") from err
+    link_released_file(RELEASED_REPO, WEIGHTS_NAME, folder, f", write DIR/{ARGS_NAME} "
+                       "(tokenizers_vis.models.layton_official.RELEASED_ARGS) and pass DIR instead.")
     (folder / ARGS_NAME).write_text(json.dumps(RELEASED_ARGS, indent=2))
-    target = folder / WEIGHTS_NAME
-    if target.is_symlink() and not target.exists():  # a stale link to an emptied cache
-        target.unlink()
-    if not target.exists():
-        target.symlink_to(weights)
     return folder
 
 

@@ -90,3 +90,23 @@ def find_preset(name: str) -> tuple[OfficialFormat, PresetResolver] | None:
         if name in fmt.presets:
             return fmt, fmt.presets[name]
     return None
+
+
+def link_released_file(repo_id: str, filename: str, folder: Path, advice: str, link_name: str | None = None) -> Path:
+    """`folder/link_name` (default `filename`) as a link to `repo_id/filename` in the Hub cache
+    (downloaded when the network allows): how presets lay a released file into an official folder.
+    An OSError naming the `hf download` command, then `advice` (what else the folder needs), when the
+    file cannot be had."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        weights = Path(hf_hub_download(repo_id, filename))
+    except Exception as err:  # offline / missing: say what to do
+        raise OSError(f"could not download {repo_id}/{filename} ({err}). Download it where there is network "
+                      f"(`hf download {repo_id} {filename} --local-dir DIR`) {advice}") from err
+    target = folder / (link_name or filename)
+    if target.is_symlink() and not target.exists():  # a stale link to an emptied cache
+        target.unlink()
+    if not target.exists():
+        target.symlink_to(weights)
+    return target

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from tokenizers_vis.models.official import OfficialFormat, register_official_format
+from tokenizers_vis.models.official import OfficialFormat, link_released_file, register_official_format
 from tokenizers_vis.models.tokenflow import TokenFlow
 from tokenizers_vis.nn.vision_towers import official_key_to_ours, ours_key_to_official
 from tokenizers_vis.nn.weights import read_state_file
@@ -261,22 +261,11 @@ def released_folder(filename: str, cache_dir: str | os.PathLike) -> Path:
     official-layout folder under `cache_dir`, writing the ModelArgs it was built with."""
     if filename not in RELEASED:
         raise KeyError(f"unknown released TokenFlow file {filename!r}; known: {sorted(RELEASED)}")
-    from huggingface_hub import hf_hub_download
-
     folder = Path(cache_dir) / Path(filename).stem
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        weights = Path(hf_hub_download(RELEASED_REPO, filename))
-    except Exception as err:  # offline / missing: say what to do
-        raise OSError(f"could not download {RELEASED_REPO}/{filename} ({err}). Download it where there is network "
-                      f"(`hf download {RELEASED_REPO} {filename} --local-dir DIR`) and pass DIR/{filename}'s "
-                      f"folder with an {ARGS_NAME} instead.") from err
+    link_released_file(RELEASED_REPO, filename, folder,
+                       f"and pass DIR/{filename}'s folder with an {ARGS_NAME} instead.", link_name=WEIGHTS_NAME)
     (folder / ARGS_NAME).write_text(json.dumps(RELEASED[filename], indent=2))
-    target = folder / WEIGHTS_NAME
-    if target.is_symlink() and not target.exists():  # a stale link to an emptied cache
-        target.unlink()
-    if not target.exists():
-        target.symlink_to(weights)
     return folder
 
 
