@@ -104,14 +104,14 @@ def test_grad_clip(tmp_path, key):
 
 
 def test_resolution_against_patch_size(tmp_path):
-    # demo: 64 px, patch_size 8
+    # demo: 32 px, patch_size 4
     assert_rejected(tmp_path, "demo", "model.tokenizer.patch_size=7",
-                    "model.tokenizer.image_size=64: invalid value, must be a multiple of model.tokenizer.patch_size (7)")
-    assert_rejected(tmp_path, "demo", "data.resolution=60",
-                    "model.tokenizer.image_size=60: invalid value, must be a multiple of model.tokenizer.patch_size (8)")
+                    "model.tokenizer.image_size=32: invalid value, must be a multiple of model.tokenizer.patch_size (7)")
+    assert_rejected(tmp_path, "demo", "data.resolution=30",
+                    "model.tokenizer.image_size=30: invalid value, must be a multiple of model.tokenizer.patch_size (4)")
     # A model built for another size than the data delivers.
     assert_rejected(tmp_path, "demo", "model.tokenizer.image_size=128",
-                    "model.tokenizer.image_size=128: invalid value, must be equal to data.resolution (64)")
+                    "model.tokenizer.image_size=128: invalid value, must be equal to data.resolution (32)")
     check_config(composed(tmp_path, "demo", "data.resolution=96"))  # the model follows the data
 
 
@@ -149,6 +149,9 @@ def test_token_counts(tmp_path, experiment, override, message):
      "data.crop_scale=[0.9, 0.8]: invalid value, must be [lo, hi] with 0 < lo <= hi <= 1, or null"),
     ("demo", "model.objective.lpips_weight=-1",
      "model.objective.lpips_weight=-1: invalid value, must be a number >= 0"),
+    ("demo", "data.color_jitter.hue=0.7", "data.color_jitter.hue=0.7: invalid value, must be a number in [0, 0.5]"),
+    ("demo", "data.color_jitter.saturation=1.0",
+     "data.color_jitter.saturation=1.0: invalid value, must be a number in [0, 1)"),
 ])
 def test_probabilities_and_weights(tmp_path, experiment, override, message):
     assert_rejected(tmp_path, experiment, override, message)

@@ -667,7 +667,7 @@ def leaderboard_rows(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
                 "codebook_size": m["codebook_size"],
                 "bits_per_image": "continuous" if bits is None else round(bits, 2),
                 **{name: values.get(name) for name in ("rfid", "psnr", "ssim", "lpips", "codebook_usage",
-                                                        "codebook_entropy", *VIDEO_METRICS)},
+                                                        "codebook_entropy", *VIDEO_METRICS, "psnr_flat_baseline")},
                 "encode_images_per_s": _round(m["encode_images_per_s"]),
                 "decode_images_per_s": _round(m["decode_images_per_s"].get(str(k))),
                 "num_images": values.get("num_images"),
@@ -692,7 +692,7 @@ def _device_name(device: torch.device) -> str:
 CSV_COLUMNS = ("model", "family", "tokenizer", "params_encoder", "params_decoder", "params_total", "tokens",
                "codebook_size", "bits_per_image", "rfid", "psnr", "ssim", "lpips", "codebook_usage",
                "codebook_entropy", *VIDEO_METRICS, "encode_images_per_s", "decode_images_per_s", "num_images",
-               "device")
+               "device", "psnr_flat_baseline")
 # Markdown columns: (header, key, format, better: "max" / "min" / None).
 MD_COLUMNS = (("model", "model", str, None), ("family", "family", str, None),
               ("params enc / dec", None, None, None), ("tokens", "tokens", str, None),
@@ -757,11 +757,19 @@ def write_leaderboard(record: Mapping[str, Any], output_dir: str | os.PathLike) 
                 text = text.lstrip("-") if float(text) == 0 else text  # no "-0.00" for a rounding error
                 cells.append(f"**{text}**" if key in best and value == best[key] else text)
         lines.append("| " + " | ".join(cells) + " |")
+    flat = flat_baseline(rows)
+    if flat is not None:
+        lines += ["", f"Flat-colour baseline (each image painted its own mean colour): PSNR {flat:.2f} dB."]
     notes = meta.get("notes") or {}
     if notes:
         lines += [""] + [f"- {name}: {text}" for name, text in notes.items()]
     md.write_text("\n".join(lines) + "\n")
     return [md, csv_path, json_path]
+
+
+def flat_baseline(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The PSNR of painting each image its mean colour (the same images for every row), or None."""
+    return next((v for v in (_finite(row.get("psnr_flat_baseline")) for row in rows) if v is not None), None)
 
 
 def _finite(value: Any) -> float | None:
@@ -813,6 +821,10 @@ def write_rate_distortion(rows: Sequence[Mapping[str, Any]], path: str | os.Path
             for b, v, _ in points:
                 if isinstance(b, str) and v is not None:
                     ax.axhline(v, color=colors[j], linestyle="--", linewidth=1.2)
+        if name == "psnr" and flat_baseline(rows) is not None:
+            ax.axhline(flat_baseline(rows), color="0.5", linestyle=":", linewidth=1.2)
+            ax.annotate("flat mean colour", (0.02, flat_baseline(rows)), xycoords=("axes fraction", "data"),
+                        textcoords="offset points", xytext=(0, 3), fontsize=7, color="0.4")
         ax.set_xscale("log", base=2)
         if bits_all:
             lo, hi = min(bits_all), max(bits_all)

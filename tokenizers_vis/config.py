@@ -362,6 +362,8 @@ VALUE_RULES: list[tuple[str, Rule]] = [
     ("data.{num_workers,shuffle_buffer}", integer(0)),
     ("data.val_max_images", integer(1, null=True)),  # null: all
     ("data.crop_scale", CROP_SCALE),
+    ("data.color_jitter.{brightness,contrast,saturation}", number(0, 1, open_high=True)),
+    ("data.color_jitter.hue", number(0, 0.5)),
     # trainer and callbacks: steps and intervals
     ("trainer.max_steps", integer(1)),  # an infinite stream: a run ends by steps only
     ("trainer.val_check_interval", any_of(integer(1), number(0, 1, open_low=True), null=True)),

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizers_vis.data.transforms import decode_label, eval_transform, train_transform
+from tokenizers_vis.data.transforms import ColorJitter, decode_label, eval_transform, train_transform
 
 
 def _ramp(width: int, height: int) -> Image.Image:
@@ -67,3 +67,34 @@ def test_crop_scale_is_checked_by_the_datamodule():
 
     with pytest.raises(ValueError, match=r"data.crop_scale must be \[lo, hi\]"):
         ImageDataModule(train_shards="x", val_shards="y", resolution=32, batch_size=2, crop_scale=[1.0, 0.5])
+
+
+def test_color_jitter_shifts_hue_within_its_range_and_is_seeded():
+    red = Image.fromarray(np.full((16, 16, 3), (200, 30, 30), dtype=np.uint8))
+    jitter = ColorJitter(hue=0.5)
+    outs = [train_transform(red, 16, random.Random(s), random_flip=False, color_jitter=jitter) for s in range(30)]
+    colours = torch.stack([o.mean(dim=(1, 2)) for o in outs])
+    # Any hue: some draws turn red green- or blue-dominant, and the brightness of the colour stays.
+    assert (colours.argmax(dim=1) != 0).sum() >= 10
+    assert torch.allclose(colours.max(dim=1).values, torch.full((30,), 200 / 255), atol=0.02)
+    again = train_transform(red, 16, random.Random(7), random_flip=False, color_jitter=jitter)
+    assert torch.equal(again, outs[7])
+    # A small hue range keeps red red; brightness alone scales every channel.
+    small = [train_transform(red, 16, random.Random(s), random_flip=False, color_jitter=ColorJitter(hue=0.02))
+             for s in range(10)]
+    assert all(o.mean(dim=(1, 2)).argmax() == 0 for o in small)
+    bright = train_transform(red, 16, random.Random(1), random_flip=False, color_jitter=ColorJitter(brightness=0.5))
+    ratio = bright.mean(dim=(1, 2)) / (torch.tensor([200, 30, 30]) / 255)
+    assert 0.5 <= float(ratio[0]) <= 1.5 and torch.allclose(ratio, ratio[0].expand(3), atol=0.02)
+
+
+def test_color_jitter_values_are_checked():
+    from tokenizers_vis.data import ImageDataModule
+
+    with pytest.raises(ValueError, match=r"data.color_jitter.hue must be in \[0, 0.5\]"):
+        ColorJitter(hue=0.7)
+    with pytest.raises(ValueError, match=r"data.color_jitter.saturation must be in \[0, 1\)"):
+        ColorJitter(saturation=1.5)
+    with pytest.raises(ValueError, match=r"unknown keys \['sharpness'\]"):
+        ImageDataModule(train_shards="x", val_shards="y", resolution=32, batch_size=2,
+                        color_jitter={"sharpness": 0.2})

@@ -167,6 +167,9 @@ def test_each_model_equals_its_own_evaluation(models, image_folder, tmp_path, ev
 
     md = (tmp_path / "out" / "leaderboard.md").read_text()
     assert "| FlexTok k=4 | flextok |" in md and "continuous" in md and "rfid" not in record["meta"]["notes"]
+    # The trivial baseline under the table: the same for every model (the same images).
+    flat = {row["psnr_flat_baseline"] for row in record["rows"]}
+    assert len(flat) == 1 and f"mean colour): PSNR {flat.pop():.2f} dB" in md
     csv_rows = (tmp_path / "out" / "leaderboard.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 8 and csv_rows[0].startswith("model,family,tokenizer,params_encoder")
 

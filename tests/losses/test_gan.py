@@ -83,3 +83,31 @@ def test_adaptive_weight_is_clamped():
     nll = (weight * 100).sum()
     g_loss = (weight * 1e-6).sum()
     assert adaptive_gan_weight(nll, g_loss, weight, max_weight=3.0).item() == pytest.approx(3.0)
+
+
+def _lecam_rank(rank: int, world_size: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    try:
+        lecam = LeCamRegularizer(decay=0.5)
+        for step in range(3):  # each rank sees other logits
+            lecam(torch.full((2, 1, 4, 4), float(rank + step)), torch.full((2, 1, 4, 4), -float(rank)))
+        torch.save({"real": lecam.ema_real.clone(), "fake": lecam.ema_fake.clone()}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_lecam_averages_are_the_same_on_every_ddp_rank(tmp_path):
+    """The checkpoint holds one rank's buffers, so every rank must hold the same ones: the batch
+    means are averaged over ranks before the update (2 gloo processes, different logits each)."""
+    import torch.multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_lecam_rank, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, start_method=method)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    # Global means: real 0.5 + step, fake -0.5; ema after 3 updates (the first copies) at decay 0.5.
+    expected_real = 0.5 * (0.5 * 0.5 + 0.5 * 1.5) + 0.5 * 2.5
+    for saved in ranks:
+        assert saved["real"].item() == pytest.approx(expected_real)
+        assert saved["fake"].item() == pytest.approx(-0.5)

@@ -51,6 +51,10 @@ def test_every_metric_matches_its_reference(full_metrics):
         ]
     )
     assert result["psnr"] == pytest.approx(psnr, abs=1e-9)
+    # The trivial baseline: each image painted its own (uint8-rounded) mean colour.
+    flat = np.mean([peak_signal_noise_ratio(r, np.broadcast_to(r.mean(axis=(0, 1)).round(), r.shape), data_range=255)
+                    for r, _ in pairs])
+    assert result["psnr_flat_baseline"] == pytest.approx(flat, abs=1e-6) and result["psnr_flat_baseline"] < psnr
     assert result["ssim"] == pytest.approx(ssim, abs=1e-5)
     lpips = full_metrics.lpips(real_u8.float() / 255, recon_u8.float() / 255).mean().item()
     assert result["lpips"] == pytest.approx(lpips, rel=1e-5)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -18,7 +19,7 @@ from tokenizers_vis.data.pipeline import (
     make_train_loader,
 )
 from tokenizers_vis.data.shards import resolve_shards
-from tokenizers_vis.data.transforms import interpolation_mode
+from tokenizers_vis.data.transforms import ColorJitter, interpolation_mode
 
 
 def distributed_rank(trainer: Any = None) -> tuple[int, int]:
@@ -95,6 +96,7 @@ class ImageDataModule(L.LightningDataModule):
         random_flip: bool = True,
         interpolation: str = "bicubic",
         crop_scale: Sequence[float] | None = None,
+        color_jitter: Mapping[str, float] | None = None,
     ):
         super().__init__()
         interpolation_mode(interpolation)  # fail at construction on a typo, not in a worker
@@ -103,6 +105,13 @@ class ImageDataModule(L.LightningDataModule):
             if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
                 raise ValueError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(crop_scale)}")
         self.crop_scale = crop_scale
+        if color_jitter is not None:
+            unknown = set(color_jitter) - {f.name for f in dataclasses.fields(ColorJitter)}
+            if unknown:
+                raise ValueError(f"data.color_jitter: unknown keys {sorted(unknown)}; "
+                                 "use brightness, contrast, saturation, hue")
+            color_jitter = ColorJitter(**color_jitter)
+        self.color_jitter = color_jitter
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.resolution = resolution
@@ -153,6 +162,7 @@ class ImageDataModule(L.LightningDataModule):
             random_flip=self.random_flip,
             interpolation=self.interpolation,
             crop_scale=self.crop_scale,
+            color_jitter=self.color_jitter,
             skip_counter=self.skip_counter,
             start_epoch=epoch,
         )
@@ -253,11 +263,17 @@ class DemoShardsMixin:
         """Nothing to check early: `prepare_data` builds whatever demo shards are missing."""
 
     def prepare_data(self) -> None:
+        if not self._demo_shards_ready():
+            self._ensure_demo_shards()
+
+    def _demo_shards_ready(self) -> bool:
+        """Shards are there (a set built with other arguments, e.g. a smaller one for tests, is kept)."""
         try:
             resolve_shards(self.train_shards)
             resolve_shards(self.val_shards)
         except FileNotFoundError:
-            self._ensure_demo_shards()
+            return False
+        return True
 
 
 class DemoDataModule(DemoShardsMixin, ImageDataModule):
@@ -268,3 +284,9 @@ class DemoDataModule(DemoShardsMixin, ImageDataModule):
         from tokenizers_vis.data.demo import ensure_demo_shards
 
         ensure_demo_shards(self.demo_dir)
+
+    def _demo_shards_ready(self) -> bool:
+        # A set of an older layout (e.g. validation crops of the training photos) is rebuilt.
+        from tokenizers_vis.data.demo import is_outdated_demo_set
+
+        return super()._demo_shards_ready() and not is_outdated_demo_set(self.demo_dir)

@@ -35,7 +35,14 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tokenizers_vis.data.shards import IMAGE_EXTENSIONS, resolve_shards
-from tokenizers_vis.data.transforms import decode_image, decode_label, decode_text, eval_transform, train_transform
+from tokenizers_vis.data.transforms import (
+    ColorJitter,
+    decode_image,
+    decode_label,
+    decode_text,
+    eval_transform,
+    train_transform,
+)
 
 IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -275,6 +282,7 @@ class TrainStream(IterableDataset):
         random_flip: bool = True,
         interpolation: str = "bicubic",
         crop_scale: tuple[float, float] | None = None,
+        color_jitter: ColorJitter | None = None,
     ):
         super().__init__()
         self.urls = list(urls)
@@ -288,6 +296,7 @@ class TrainStream(IterableDataset):
         self.random_flip = random_flip
         self.interpolation = interpolation
         self.crop_scale = crop_scale
+        self.color_jitter = color_jitter
         self.epoch = 0
         self.resume: StreamResume | None = None
 
@@ -361,7 +370,8 @@ class TrainStream(IterableDataset):
         except Exception as exn:
             raise ValueError(f"{_describe(sample)}: {exn}") from exn
         self.tally.ok()
-        image = train_transform(img, self.resolution, rng, self.interpolation, self.random_flip, self.crop_scale)
+        image = train_transform(img, self.resolution, rng, self.interpolation, self.random_flip, self.crop_scale,
+                                self.color_jitter)
         return {"image": image, "key": sample["__key__"], "label": label, "text": decode_text(sample)}
 
 
@@ -494,6 +504,7 @@ def make_train_loader(
     skip_counter: SkipCounter | None = None,
     start_epoch: int = 0,
     crop_scale: tuple[float, float] | None = None,
+    color_jitter: ColorJitter | None = None,
 ) -> TrainLoader:
     """Infinite loader of training batches from shards (see `TrainStream`); its first pass
     uses epoch `start_epoch + 1` (see `TrainLoader.resume_at` to continue a pass instead)."""
@@ -510,6 +521,7 @@ def make_train_loader(
         random_flip=random_flip,
         interpolation=interpolation,
         crop_scale=crop_scale,
+        color_jitter=color_jitter,
     )
     stream.epoch = start_epoch
     return TrainLoader(stream, num_workers, skip_counter)

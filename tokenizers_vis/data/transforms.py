@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -74,6 +75,38 @@ def eval_transform(img: Image.Image, resolution: int, interpolation: str = "bicu
     return to_tensor(F.center_crop(img, [resolution, resolution]))
 
 
+@dataclass(frozen=True)
+class ColorJitter:
+    """Random photometric change of a training image: brightness, contrast and saturation factors
+    drawn uniformly from [1 - x, 1 + x], a hue shift from [-hue, hue] turns of the colour wheel
+    (0.5: any hue). Makes a small data set's palette no longer something the tokens can assume."""
+
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"data.color_jitter.{name} must be in [0, 1), got {value}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"data.color_jitter.hue must be in [0, 0.5], got {self.hue}")
+
+    def __call__(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """(3, H, W) in [0, 1] -> the same, jittered with draws from `rng`."""
+        if self.brightness:
+            image = F.adjust_brightness(image, rng.uniform(1 - self.brightness, 1 + self.brightness))
+        if self.contrast:
+            image = F.adjust_contrast(image, rng.uniform(1 - self.contrast, 1 + self.contrast))
+        if self.saturation:
+            image = F.adjust_saturation(image, rng.uniform(1 - self.saturation, 1 + self.saturation))
+        if self.hue:
+            image = F.adjust_hue(image, rng.uniform(-self.hue, self.hue))
+        return image.clamp_(0.0, 1.0)
+
+
 def train_transform(
     img: Image.Image,
     resolution: int,
@@ -81,8 +114,10 @@ def train_transform(
     interpolation: str = "bicubic",
     random_flip: bool = True,
     crop_scale: tuple[float, float] | None = None,
+    color_jitter: ColorJitter | None = None,
 ) -> torch.Tensor:
-    """Short-side resize to `resolution`, a random `resolution` square, a random h-flip.
+    """Short-side resize to `resolution`, a random `resolution` square, a random h-flip, then
+    `color_jitter` when given.
 
     crop_scale (lo, hi): first a random square whose side is a uniform fraction in [lo, hi] of the
     short side (TokenFlow's recipe: 0.8-1.0), so training also sees slightly zoomed-in views.
@@ -97,4 +132,5 @@ def train_transform(
     img = F.crop(img, top, left, resolution, resolution)
     if random_flip and rng.random() < 0.5:
         img = F.horizontal_flip(img)
-    return to_tensor(img)
+    image = to_tensor(img)
+    return color_jitter(image, rng) if color_jitter is not None else image

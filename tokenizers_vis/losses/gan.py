@@ -29,7 +29,9 @@ class LeCamRegularizer(nn.Module):
     saved and resumed exactly) and penalises logits that cross the other side's average:
     mean(relu(real - ema_fake)^2) + mean(relu(ema_real - fake)^2).
     The averages update only in training mode, before the penalty is computed; the first update
-    copies the batch means so the averages do not start biased towards zero.
+    copies the batch means so the averages do not start biased towards zero. Under DDP the batch
+    means are averaged over ranks first, so every rank holds the same averages (the checkpoint
+    saves one rank's buffers: rank-local averages would not resume exactly on the others).
     """
 
     def __init__(self, decay: float = 0.999):
@@ -45,8 +47,12 @@ class LeCamRegularizer(nn.Module):
     def update(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> None:
         # torch.where instead of a Python branch: no host sync on the update count.
         decay = torch.where(self.num_updates > 0, self.decay, 0.0).to(self.ema_real)
-        self.ema_real.copy_(decay * self.ema_real + (1.0 - decay) * real_logits.float().mean())
-        self.ema_fake.copy_(decay * self.ema_fake + (1.0 - decay) * fake_logits.float().mean())
+        means = torch.stack([real_logits.float().mean(), fake_logits.float().mean()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(means)  # one 2-element collective per discriminator step
+            means = means / torch.distributed.get_world_size()
+        self.ema_real.copy_(decay * self.ema_real + (1.0 - decay) * means[0])
+        self.ema_fake.copy_(decay * self.ema_fake + (1.0 - decay) * means[1])
         self.num_updates += 1
 
     def forward(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 METRIC_KEYS = (
     "psnr",
+    "psnr_flat_baseline",
     "ssim",
     "lpips",
     "rfid",
@@ -36,8 +37,8 @@ VIDEO_KEYS = ("num_videos",)
 
 # Layout of the float64 sums vector: one tensor, so combining ranks is a single all-reduce.
 # _IMAGES counts images, or the frames of videos; _VIDEOS counts videos (0 for image batches).
-_PSNR, _SSIM, _LPIPS, _IMAGES, _VIDEOS = range(5)
-_NUM_SUMS = 5
+_PSNR, _SSIM, _LPIPS, _IMAGES, _VIDEOS, _PSNR_FLAT = range(6)
+_NUM_SUMS = 6
 
 _psnr_per_frame = per_frame(psnr_per_image)
 _ssim_per_frame = per_frame(ssim_per_image)
@@ -47,7 +48,9 @@ class ReconstructionMetrics:
     """PSNR, SSIM, LPIPS, rFID and codebook usage over a stream of (original, reconstruction).
 
     Both images are quantised to uint8 (round, clamp) before any metric, as the standard asks;
-    PSNR/SSIM/LPIPS are means over images of per-image values. Video batches (B, T, 3, H, W)
+    PSNR/SSIM/LPIPS are means over images of per-image values. ``psnr_flat_baseline`` is the PSNR of
+    the trivial reconstruction that paints each image (frame) its own mean colour: a model must beat
+    it to have learned more than the average colour. Video batches (B, T, 3, H, W)
     are measured frame by frame: PSNR/SSIM/LPIPS are averaged over each video's frames, then
     over videos (each video counts once, whatever its length); rFID takes every frame as an
     image. ``num_images`` counts the images measured (for video, the frames), and video results
@@ -135,6 +138,8 @@ class ReconstructionMetrics:
         # k / 255 in float64, so PSNR equals scikit-image on the uint8 images to rounding error.
         psnr = _psnr_per_frame(real_u8.double() / 255.0, recon_u8.double() / 255.0, data_range=1.0)
         batch[_PSNR] = _per_item(psnr, video).sum()
+        flat = to_uint8(real_q.mean(dim=(-2, -1), keepdim=True).expand_as(real_q)).double() / 255.0
+        batch[_PSNR_FLAT] = _per_item(_psnr_per_frame(real_u8.double() / 255.0, flat, data_range=1.0), video).sum()
         batch[_SSIM] = _per_item(_ssim_per_frame(real_q, recon_q, data_range=1.0), video).sum()
         if self.lpips is not None:
             batch[_LPIPS] = _per_item(per_frame(self.lpips)(real_q, recon_q), video).sum().to(real.device)
@@ -167,6 +172,7 @@ class ReconstructionMetrics:
             result["num_videos"] = num_videos
         if n > 0:
             result["psnr"] = sums[_PSNR] / n
+            result["psnr_flat_baseline"] = sums[_PSNR_FLAT] / n
             result["ssim"] = sums[_SSIM] / n
             if self.lpips is not None:
                 result["lpips"] = sums[_LPIPS] / n

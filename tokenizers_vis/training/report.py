@@ -17,6 +17,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"PSNR after training:  {after:6.2f} dB")
     if before is not None and after is not None:
         lines.append(f"gain:                 {after - before:+6.2f} dB")
+    flat = summary.get("psnr_flat_baseline")
+    if flat is not None:
+        lines.append(f"flat-colour baseline: {flat:6.2f} dB (each validation image painted its mean colour)")
+        if after is not None:
+            lines.append(f"margin over baseline: {after - flat:+6.2f} dB")
     if summary.get("grid"):
         lines.append(f"reconstructions (originals on top): {summary['grid']}")
     return "\n".join(lines)

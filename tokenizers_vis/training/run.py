@@ -83,6 +83,10 @@ def run_training(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> dict:
     for when in ("before", "after"):
         if "val/psnr" in summary.get(f"val_{when}", {}):
             summary[f"psnr_{when}"] = summary[f"val_{when}"]["val/psnr"]
+    # The same validation images painted their own mean colour: what "PSNR after" must beat.
+    flat = [summary.get(f"val_{when}", {}).get("val/psnr_flat_baseline") for when in ("after", "before")]
+    if any(value is not None for value in flat):
+        summary["psnr_flat_baseline"] = next(value for value in flat if value is not None)
     skipped = skipped_samples(trainer, datamodule)
     if skipped:
         summary["skipped_samples"] = sum(skipped.values())
