@@ -802,6 +802,7 @@ def write_rate_distortion(rows: Sequence[Mapping[str, Any]], path: str | os.Path
     markers = "osD^vP*Xh<>p"
     legend_height = (height - RD_PANEL_PX[1]) / height
     bits_all = [row["bits_per_image"] for row in rows if not isinstance(row["bits_per_image"], str)]
+    flat = flat_baseline(rows)
     for i, name in enumerate(panels):
         # Panels placed by hand (not constrained layout) so the file's size is exactly rd_layout's.
         ax = fig.add_axes([(i + 0.17) / len(panels), legend_height + 0.14 * (1 - legend_height),
@@ -821,9 +822,9 @@ def write_rate_distortion(rows: Sequence[Mapping[str, Any]], path: str | os.Path
             for b, v, _ in points:
                 if isinstance(b, str) and v is not None:
                     ax.axhline(v, color=colors[j], linestyle="--", linewidth=1.2)
-        if name == "psnr" and flat_baseline(rows) is not None:
-            ax.axhline(flat_baseline(rows), color="0.5", linestyle=":", linewidth=1.2)
-            ax.annotate("flat mean colour", (0.02, flat_baseline(rows)), xycoords=("axes fraction", "data"),
+        if name == "psnr" and flat is not None:
+            ax.axhline(flat, color="0.5", linestyle=":", linewidth=1.2)
+            ax.annotate("flat mean colour", (0.02, flat), xycoords=("axes fraction", "data"),
                         textcoords="offset points", xytext=(0, 3), fontsize=7, color="0.4")
         ax.set_xscale("log", base=2)
         if bits_all:

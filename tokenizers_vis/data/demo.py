@@ -267,9 +267,7 @@ def build_demo_shards(
         raise RuntimeError("none of the held-out demo photos could be loaded")
     grey = {name for name, images in train.items() if images[0].ndim == 2}
     classes = [*train, SYNTHETIC, *(name for name in held_out if name not in train)]
-    params = dict(
-        num_train=num_train, num_val=num_val, size=size, shard_size=shard_size, seed=seed, min_scale=min_scale
-    )
+    params = _params(num_train, num_val, size, shard_size, seed, min_scale)
     pil = {name: [Image.fromarray(a) for a in arrays] for name, arrays in train.items()}
     pil_held_out = {name: [Image.fromarray(a) for a in arrays] for name, arrays in held_out.items()}
     written = _write_splits(
@@ -283,6 +281,12 @@ def build_demo_shards(
     (out_dir / VOCAB_NAME).write_text("\n".join(caption_vocabulary()) + "\n")
     _write_manifest(out_dir, MANIFEST, manifest)
     return _describe(out_dir, manifest)
+
+
+def _params(num_train, num_val, size, shard_size, seed, min_scale) -> dict:
+    """The build arguments as the manifest records them (a set is reused only with equal ones)."""
+    return dict(num_train=num_train, num_val=num_val, size=size, shard_size=shard_size, seed=seed,
+                min_scale=min_scale)
 
 
 # Sets built by an older layout (before captions; before held-out validation photos) are rebuilt once.
@@ -360,9 +364,7 @@ def ensure_demo_shards(
 ) -> dict:
     """`build_demo_shards` with these arguments, unless a build with the same ones is there."""
     out_dir = Path(out_dir)
-    params = dict(
-        num_train=num_train, num_val=num_val, size=size, shard_size=shard_size, seed=seed, min_scale=min_scale
-    )
+    params = _params(num_train, num_val, size, shard_size, seed, min_scale)
     manifest = _complete_manifest(
         out_dir, MANIFEST, params, lambda m: m.get("version") == _VERSION and (out_dir / VOCAB_NAME).is_file()
     )

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers_vis.nn.distributed import all_reduce_mean
+
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Discriminator hinge loss 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(G(z)))])."""
@@ -47,10 +49,8 @@ class LeCamRegularizer(nn.Module):
     def update(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> None:
         # torch.where instead of a Python branch: no host sync on the update count.
         decay = torch.where(self.num_updates > 0, self.decay, 0.0).to(self.ema_real)
-        means = torch.stack([real_logits.float().mean(), fake_logits.float().mean()])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(means)  # one 2-element collective per discriminator step
-            means = means / torch.distributed.get_world_size()
+        # One 2-element collective per discriminator step under DDP.
+        means = all_reduce_mean(torch.stack([real_logits.float().mean(), fake_logits.float().mean()]))
         self.ema_real.copy_(decay * self.ema_real + (1.0 - decay) * means[0])
         self.ema_fake.copy_(decay * self.ema_fake + (1.0 - decay) * means[1])
         self.num_updates += 1

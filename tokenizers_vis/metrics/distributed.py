@@ -11,11 +11,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from tokenizers_vis.nn.distributed import is_distributed
+
 __all__ = ["is_distributed", "communication_device", "all_reduce_sum", "all_reduce_max_int"]
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def communication_device() -> torch.device:

@@ -18,16 +18,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers_vis.nn.distributed import is_distributed
+
 
 @contextmanager
 def float32():
     """Disable autocast on every device type for the enclosed code."""
     with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
         yield
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def squared_distances(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -125,7 +123,7 @@ class VectorQuantizer(Quantizer):
         # waits for the device and the forward compiles as one graph. A non-finite batch changes
         # nothing (the trainer skips that step; its values must never reach the codebook).
         finite = torch.isfinite(z).all()
-        if _distributed():
+        if is_distributed():
             finite = finite.float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             finite = finite > 0
@@ -133,7 +131,7 @@ class VectorQuantizer(Quantizer):
         # read of the largest id.
         hits = torch.zeros(self.codebook_size, device=z.device)
         hits.scatter_add_(0, ids, torch.ones_like(ids, dtype=hits.dtype))
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(hits)
             hits /= dist.get_world_size()
         updated = self.usage.mul(self.usage_decay).add(hits, alpha=1 - self.usage_decay)
@@ -147,7 +145,7 @@ class VectorQuantizer(Quantizer):
         restarted = torch.where(dead[:, None], z[picks[rank]].to(weight.dtype), weight)
         weight.data.copy_(restarted)  # .data: autograd saved the codebook for this step's backward
         self.usage.copy_(torch.where(dead, torch.full_like(self.usage, self.dead_code_threshold * 2), self.usage))
-        if _distributed():
+        if is_distributed():
             dist.broadcast(weight.data, src=0)
 
 
